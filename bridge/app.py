@@ -1,0 +1,136 @@
+"""Composition root: the only module that knows which concrete classes make up the daemon."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import math
+from collections.abc import AsyncIterator, Mapping, Sequence
+
+import structlog
+
+from bridge.clock import Clock, SystemClock
+from bridge.config import Config
+from bridge.models import BudgetRow
+from bridge.pipeline import Pipeline, RunSummary, Stream, Target
+from bridge.ratelimit import Limiters
+from bridge.redact import register_secret
+from bridge.shutdown import install_stop_signals
+from bridge.store import Store
+
+log = structlog.get_logger("bridge.app")
+
+BUDGET_REPORT_INTERVAL = 5.0
+"""How often the daemon writes its bucket states for ``bridge status`` to read."""
+
+DONE_RETENTION = 86_400.0
+"""Done ops are kept a day for ``bridge status`` and post-mortems, then pruned."""
+
+
+def stream_names(config: Config) -> list[str]:
+    """Every configured stream, named ``<source>.<stream>`` as cursors are stored."""
+    names = [f"{s.name}.{stream}" for s in config.sources.action_network for stream in s.streams]
+    names += [f"{s.name}.{stream}" for s in config.sources.activedemand for stream in s.streams]
+    return names
+
+
+def build_limiters(config: Config, clock: Clock) -> Limiters:
+    """One bucket per GHL location and per source account, from the configured budgets."""
+    limiters = Limiters(clock)
+    for location in config.ghl.locations:
+        limits = location.limits
+        limiters.add(
+            "ghl",
+            location.name,
+            capacity=limits.burst,
+            window=float(limits.window),
+            daily_cap=limits.daily,
+        )
+    sources = [("actionnetwork", s.name, s.rate) for s in config.sources.action_network]
+    sources += [("activedemand", s.name, s.rate) for s in config.sources.activedemand]
+    for api, name, rate in sources:
+        # A rate of r/s is a budget of ceil(r) requests per ceil(r)/r seconds: exact for
+        # whole rates (4/s -> 4 per 1 s) and never above r for fractional ones.
+        capacity = max(1, math.ceil(rate))
+        limiters.add(api, name, capacity=capacity, window=capacity / rate)
+    return limiters
+
+
+class App:
+    """Everything a run needs, built from the config and owned for the run's lifetime."""
+
+    def __init__(
+        self,
+        config: Config,
+        store: Store,
+        limiters: Limiters,
+        streams: Sequence[Stream],
+        targets: Mapping[str, Target],
+        clock: Clock,
+    ) -> None:
+        self.config = config
+        self.store = store
+        self.limiters = limiters
+        self.clock = clock
+        self.pipeline = Pipeline(store, streams, targets, config.pipeline, clock)
+
+    async def run(self, *, once: bool) -> RunSummary:
+        """Run the pipeline with signal handling and the periodic budget report."""
+        await self.store.prune_done(before=self.clock.time() - DONE_RETENTION)
+        reporter = asyncio.create_task(self._report_budgets(), name="budget-report")
+        try:
+            with install_stop_signals(self.pipeline):
+                return await self.pipeline.run(once=once)
+        finally:
+            reporter.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await reporter
+            await self.save_budgets()
+
+    async def _report_budgets(self) -> None:
+        while True:
+            await self.save_budgets()
+            await asyncio.sleep(BUDGET_REPORT_INTERVAL)
+
+    async def save_budgets(self) -> None:
+        now = self.clock.time()
+        offset = now - self.clock.monotonic()  # bucket pauses are monotonic; status wants wall
+        await self.store.save_budgets(
+            [
+                BudgetRow(
+                    api=s.api,
+                    tenant=s.tenant,
+                    capacity=s.capacity,
+                    window=s.window,
+                    available=s.available,
+                    used_today=s.used_today,
+                    daily_cap=s.daily_cap,
+                    paused_until=None if s.paused_until is None else s.paused_until + offset,
+                    updated_at=now,
+                )
+                for s in self.limiters.states()
+            ]
+        )
+
+
+@contextlib.asynccontextmanager
+async def open_app(config: Config, *, clock: Clock | None = None) -> AsyncIterator[App]:
+    """Open the state file and build streams and targets for every configured source.
+
+    Connectors plug in here: each source account contributes its streams, each GHL
+    location its target, all sharing one store and one set of rate limiters.
+    """
+    clock = clock or SystemClock()
+    for secret in config.secret_values():
+        register_secret(secret)
+    async with Store.open(config.state.path) as store:
+        limiters = build_limiters(config, clock)
+        streams: list[Stream] = []
+        targets: dict[str, Target] = {}
+        log.info(
+            "app_ready",
+            state=str(store.path),
+            locations=len(config.ghl.locations),
+            streams=len(streams),
+        )
+        yield App(config, store, limiters, streams, targets, clock)

@@ -1,0 +1,255 @@
+"""The ``bridge`` command line: run, once, check, status and dead-letter handling."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, TextIO
+
+import msgspec
+
+from bridge import __version__
+from bridge.app import open_app, stream_names
+from bridge.config import Config, load_config
+from bridge.errors import EX_CONFIG, EX_USAGE, ConfigError, Fatal
+from bridge.models import DeadLetter
+from bridge.observability.logs import configure_logging
+from bridge.redact import redact
+from bridge.store import Store
+
+DEFAULT_CONFIG = "/etc/bridge/config.toml"
+EXIT_FAILED = 1
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="bridge",
+        description="Keep HighLevel Conversations in step with Action Network and ActiveDEMAND.",
+    )
+    parser.add_argument("--version", action="version", version=f"bridge {__version__}")
+    parser.add_argument(
+        "--config",
+        default=os.environ.get("BRIDGE_CONFIG", DEFAULT_CONFIG),
+        help=f"config file (default: $BRIDGE_CONFIG or {DEFAULT_CONFIG})",
+    )
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    commands.add_parser("run", help="run the daemon until SIGTERM")
+    commands.add_parser("once", help="poll every stream until caught up, deliver everything, exit")
+    commands.add_parser("check", help="validate the config and exit")
+    status = commands.add_parser("status", help="cursors, outbox, dead letters, budgets")
+    status.add_argument("--json", action="store_true", help="machine-readable output")
+
+    dlq = commands.add_parser("dlq", help="inspect and replay dead letters")
+    dlq_commands = dlq.add_subparsers(dest="dlq_command", metavar="ACTION", required=True)
+    dlq_list = dlq_commands.add_parser("list", help="list dead letters, newest first")
+    dlq_list.add_argument("--limit", type=_positive_int, default=50)
+    dlq_show = dlq_commands.add_parser("show", help="show one dead letter with its payload")
+    dlq_show.add_argument("id", type=_positive_int)
+    replay = dlq_commands.add_parser("replay", help="put dead letters back into the outbox")
+    which = replay.add_mutually_exclusive_group(required=True)
+    which.add_argument("id", type=_positive_int, nargs="?")
+    which.add_argument("--all", action="store_true", help="replay every dead letter")
+    dlq_drop = dlq_commands.add_parser("drop", help="delete one dead letter for good")
+    dlq_drop.add_argument("id", type=_positive_int)
+    return parser
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point; returns the process exit status."""
+    args = build_parser().parse_args(argv)  # exits 2 with usage on a bad argument
+    try:
+        config = load_config(args.config)
+    except ConfigError as exc:
+        print(f"bridge: config error: {exc}", file=sys.stderr)
+        return EX_CONFIG
+    configure_logging(level=config.logging.level, fmt=config.logging.format)
+    try:
+        return asyncio.run(_dispatch(args, config, sys.stdout))
+    except ConfigError as exc:
+        print(f"bridge: config error: {exc}", file=sys.stderr)
+        return EX_CONFIG
+    except Fatal as exc:
+        print(f"bridge: fatal: {redact(str(exc))}", file=sys.stderr)
+        return EXIT_FAILED
+    except KeyboardInterrupt:
+        return EXIT_FAILED
+
+
+async def _dispatch(args: argparse.Namespace, config: Config, out: TextIO) -> int:
+    command: str = args.command
+    if command == "check":
+        return _check(config, out)
+    if command == "status":
+        return await _status(config, out, as_json=args.json)
+    if command == "dlq":
+        return await _dlq(args, config, out)
+    async with open_app(config) as app:
+        summary = await app.run(once=command == "once")
+        if command == "once":
+            out.write(_summary_text(summary) + "\n")
+            return EXIT_FAILED if summary.dead_lettered else 0
+    return 0
+
+
+def _check(config: Config, out: TextIO) -> int:
+    streams = stream_names(config)
+    out.write(
+        f"config OK: {len(config.ghl.locations)} GHL location(s), "
+        f"{len(config.sources.action_network) + len(config.sources.activedemand)} source(s), "
+        f"{len(streams)} stream(s); state file {config.state.path}\n"
+    )
+    return 0
+
+
+def _summary_text(summary: Any) -> str:
+    fields = msgspec.structs.asdict(summary)
+    return "summary: " + ", ".join(f"{key}={value}" for key, value in fields.items())
+
+
+# -- status -------------------------------------------------------------------------------------
+
+
+def _age(seconds: float) -> str:
+    seconds = max(0.0, seconds)
+    for unit, size in (("d", 86_400), ("h", 3_600), ("m", 60)):
+        if seconds >= size:
+            return f"{seconds / size:.1f}{unit}"
+    return f"{seconds:.0f}s"
+
+
+async def _status(config: Config, out: TextIO, *, as_json: bool) -> int:
+    path = Path(config.state.path)
+    if not path.exists():
+        out.write(f"no state yet at {path}: the daemon has not run\n")
+        return 0
+    now = time.time()
+    async with Store.open(path) as store:
+        cursors = {c.stream: c for c in await store.cursors()}
+        counts = await store.outbox_counts()
+        dead = await store.dead_letter_count()
+        reasons = await store.dead_letter_reasons()
+        budgets = await store.budgets()
+    names = sorted(set(stream_names(config)) | set(cursors))
+    report = {
+        "state": str(path),
+        "streams": [
+            {
+                "stream": name,
+                "cursor": cursors[name].value if name in cursors else None,
+                "cursor_age_seconds": now - cursors[name].updated_at if name in cursors else None,
+            }
+            for name in names
+        ],
+        "outbox": counts,
+        "dead_letters": {"total": dead, "by_reason": reasons},
+        "budgets": [msgspec.structs.asdict(b) for b in budgets],
+    }
+    if as_json:
+        out.write(msgspec.json.encode(report).decode() + "\n")
+        return 0
+    out.write(f"state: {path}\nstreams:\n")
+    for name in names:
+        if name in cursors:
+            row = cursors[name]
+            out.write(
+                f"  {name:<32} cursor {row.value:<28} moved {_age(now - row.updated_at)} ago\n"
+            )
+        else:
+            out.write(f"  {name:<32} never polled\n")
+    out.write(
+        "outbox: "
+        + " · ".join(f"{state.replace('_', ' ')} {n}" for state, n in counts.items())
+        + "\n"
+    )
+    out.write(f"dead letters: {dead}\n")
+    for reason, n in list(reasons.items())[:10]:
+        out.write(f"  {n:>6} × {reason[:100]}\n")
+    out.write("budgets (as last reported by the daemon):\n")
+    for b in budgets:
+        daily = f"{b.used_today}/{b.daily_cap}" if b.daily_cap else f"{b.used_today}"
+        paused = (
+            f", paused until {time.strftime('%H:%M:%S', time.gmtime(b.paused_until))}Z"
+            if b.paused_until and b.paused_until > now
+            else ""
+        )
+        out.write(
+            f"  {b.api}/{b.tenant:<20} {b.available}/{b.capacity} free per {b.window:g}s,"
+            f" today {daily}{paused}, reported {_age(now - b.updated_at)} ago\n"
+        )
+    return 0
+
+
+# -- dead letters --------------------------------------------------------------------------------
+
+
+def _dl_line(dl: DeadLetter) -> str:
+    when = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(dl.last_seen))
+    error = dl.error.replace("\n", " ")[:80]
+    return f"{dl.id:>6}  {when}Z  {dl.stream:<22} {dl.kind:<18} {dl.source_key:<36} ×{dl.attempts}  {error}"
+
+
+async def _dlq(args: argparse.Namespace, config: Config, out: TextIO) -> int:
+    action: str = args.dlq_command
+    if action in ("list", "show", "drop"):
+        async with Store.open(config.state.path) as store:
+            if action == "list":
+                for dl in await store.dead_letters(limit=args.limit):
+                    out.write(_dl_line(dl) + "\n")
+                return 0
+            if action == "drop":
+                if not await store.drop_dead_letter(args.id):
+                    return _no_such(args.id)
+                out.write(f"dropped dead letter {args.id}\n")
+                return 0
+            found = await store.dead_letter(args.id)
+            if found is None:
+                return _no_such(args.id)
+            out.write(_show(found))
+            return 0
+    async with open_app(config) as app:
+        store = app.store
+        if args.all:
+            letters = await store.dead_letters(limit=1_000_000)
+        else:
+            one = await store.dead_letter(args.id)
+            if one is None:
+                return _no_such(args.id)
+            letters = [one]
+        total = 0
+        for dl in letters:
+            total += await app.pipeline.replay(dl)
+        out.write(f"replayed {len(letters)} dead letter(s) as {total} op(s)\n")
+    return 0
+
+
+def _no_such(dl_id: int) -> int:
+    print(f"bridge: no dead letter with id {dl_id}", file=sys.stderr)
+    return EXIT_FAILED
+
+
+def _show(dl: DeadLetter) -> str:
+    try:
+        payload: Any = msgspec.json.decode(dl.payload)
+    except msgspec.DecodeError:
+        payload = dl.payload.decode("utf-8", "replace")
+    record = msgspec.structs.asdict(dl) | {"payload": payload}
+    return redact(msgspec.json.format(msgspec.json.encode(record)).decode()) + "\n"
+
+
+if __name__ == "__main__":  # pragma: no cover
+    raise SystemExit(main())

@@ -1,0 +1,480 @@
+"""The bridge's configuration: a TOML file decoded into frozen msgspec Structs, then checked."""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+import tomllib
+import types
+from collections.abc import Callable, Iterator, Mapping
+from pathlib import Path
+from typing import Annotated, Any, Final, Literal, Union, get_args, get_origin
+
+import msgspec
+
+from bridge.errors import ConfigError
+from bridge.secrets import Secret, resolve_secret
+
+# The closed set of mapping transforms; mapping.py implements exactly these.
+TRANSFORMS: Final = frozenset(
+    {"trim", "lower", "upper", "e164", "join", "template", "default", "date"}
+)
+
+_UNIT_SECONDS: Final = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
+_UNIT_ORDER: Final = ("d", "h", "m", "s", "ms")
+_DURATION: Final = re.compile(r"(?:\d+(?:\.\d+)?(?:ms|s|m|h|d))+")
+_DURATION_PART: Final = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h|d)")
+
+
+class Duration(float):
+    """A span of time in seconds, written in the config as ``"30s"``, ``"5m"`` or ``"1m30s"``."""
+
+
+def parse_duration(text: str) -> float:
+    """Return the seconds in ``text`` (units ms, s, m, h, d, largest first, e.g. ``"1h30m"``)."""
+    compact = text.strip()
+    if not _DURATION.fullmatch(compact):
+        raise ValueError(f'expected a duration like "30s", got "{text}"')
+    total, last = 0.0, -1
+    for number, unit in _DURATION_PART.findall(compact):
+        rank = _UNIT_ORDER.index(unit)
+        # "30s1m" or "1m1m" is almost certainly a typo, so only descending units are accepted.
+        if rank <= last:
+            raise ValueError(f'expected a duration like "30s", got "{text}"')
+        total, last = total + float(number) * _UNIT_SECONDS[unit], rank
+    return total
+
+
+PositiveInt = Annotated[int, msgspec.Meta(gt=0)]
+PositiveFloat = Annotated[float, msgspec.Meta(gt=0)]
+Name = Annotated[str, msgspec.Meta(min_length=1)]
+
+
+# Every table below is frozen and forbids unknown keys: a misspelt key must be an error, not a
+# silently ignored setting.
+class StateConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    # One SQLite file holds cursors, outbox, id map and tokens; relative = next to the config.
+    path: Name = "/var/lib/bridge/state.db"
+
+
+class LoggingConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    # Minimum level emitted.
+    level: Literal["debug", "info", "warning", "error"] = "info"
+    # "auto" is console on a terminal and JSON lines otherwise (journald).
+    format: Literal["auto", "json", "console"] = "auto"
+
+
+class PipelineConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    # Producers pause above this many pending ops, so memory stays flat whatever the backlog.
+    outbox_high_water: PositiveInt = 10000
+    # Sender partitions; one entity always maps to one partition, which keeps its ops in order.
+    senders: PositiveInt = 8
+    # Bounded queue per partition; the backlog itself lives in SQLite.
+    queue_size: PositiveInt = 64
+    # Retryable failures before an op is dead-lettered instead of retried again.
+    max_attempts: PositiveInt = 10
+    # First retry delay; doubles per attempt, with jitter.
+    retry_base: Duration = Duration(1.0)
+    # Ceiling on the retry delay.
+    retry_cap: Duration = Duration(300.0)
+    # On SIGTERM: time to finish in-flight ops before cancelling them.
+    drain_grace: Duration = Duration(30.0)
+    # How often the dispatcher looks for retries that have come due.
+    idle_poll: Duration = Duration(1.0)
+
+
+class GhlLimits(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    # Requests allowed per window per app per location (GHL: 100 per 10 s).
+    burst: PositiveInt = 100
+    # The window the burst applies to.
+    window: Duration = Duration(10.0)
+    # Requests per day per app per location; None (from code only: TOML has no null) = no cap.
+    daily: PositiveInt | None = 200000
+
+
+class PrivateTokenAuth(
+    msgspec.Struct,
+    frozen=True,
+    forbid_unknown_fields=True,
+    kw_only=True,
+    tag_field="kind",
+    tag="private_token",
+):
+    # A Private Integration Token: static, no refresh, rotated in the GHL UI.
+    token: Secret
+
+
+_DEFAULT_SCOPES: Final = (
+    "conversations.readonly",
+    "conversations.write",
+    "conversations/message.readonly",
+    "conversations/message.write",
+    "contacts.readonly",
+    "contacts.write",
+)
+
+
+class OAuthAuth(
+    msgspec.Struct,
+    frozen=True,
+    forbid_unknown_fields=True,
+    kw_only=True,
+    tag_field="kind",
+    tag="oauth",
+):
+    # The marketplace app's client id.
+    client_id: Name
+    # The marketplace app's client secret.
+    client_secret: Secret
+    # Where the local install flow receives the code; must match the app's registered URL.
+    redirect_uri: str = "http://127.0.0.1:8765/callback"
+    # Scopes requested at install: what the bridge reads and writes, nothing more.
+    scopes: list[str] = msgspec.field(default_factory=lambda: list(_DEFAULT_SCOPES))
+    # The browser page where an admin picks the location to install on.
+    authorize_url: str = "https://marketplace.gohighlevel.com/v2/oauth/chooselocation"
+    # "Company" for agency installs, whose token is then exchanged per location.
+    user_type: Literal["Location", "Company"] = "Location"
+    # Agency installs: the company whose token is exchanged for this location's token.
+    company_id: str | None = None
+
+
+class GhlLocation(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    # How sources and logs refer to this location.
+    name: Name
+    # GHL's id for the sub-account.
+    location_id: Name
+    # API host; points at the simulator in tests.
+    base_url: str = "https://services.leadconnectorhq.com"
+    # How the bridge authenticates, chosen by `kind`.
+    auth: PrivateTokenAuth | OAuthAuth
+    # This location's request budget.
+    limits: GhlLimits = msgspec.field(default_factory=GhlLimits)
+    # Per-request timeout.
+    timeout: Duration = Duration(30.0)
+
+
+class GhlConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    # Every GHL sub-account the bridge writes to, each with its own budget.
+    locations: list[GhlLocation] = []
+
+
+class ActionNetworkSource(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    # Unique among sources; names cursors and logs.
+    name: Name
+    # Name of the GHL location this source's people and messages go to.
+    location: Name
+    # The group's API key (OSDI-API-Token).
+    api_key: Secret
+    # API root; points at the simulator in tests.
+    base_url: str = "https://actionnetwork.org/api/v2"
+    # Which collections to poll.
+    streams: list[Literal["people", "activities", "taggings"]] = msgspec.field(
+        default_factory=lambda: ["people", "activities", "taggings"]
+    )
+    # Pause between polls of one stream.
+    poll_interval: Duration = Duration(60.0)
+    # How far before the cursor each poll starts, to catch late-indexed records (may be 0).
+    overlap: Duration = Duration(120.0)
+    # Requests per second for this key (AN documents 4).
+    rate: PositiveFloat = 4.0
+    # Profile in [mapping]; a missing profile means the built-in defaults.
+    mapping: Name = "action_network"
+
+
+class ActiveDemandSource(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    # Unique among sources; names cursors and logs.
+    name: Name
+    # Name of the GHL location this source's contacts go to.
+    location: Name
+    # The account API key.
+    api_key: Secret
+    # Partner X-Application-Api-Key, when the account requires one.
+    application_key: Secret | None = None
+    # API root; points at the simulator in tests.
+    base_url: str = "https://api.activedemand.com/v1"
+    # Which resources to poll; only contacts has a confirmed API.
+    streams: list[Literal["contacts", "conversations", "messages"]] = msgspec.field(
+        default_factory=lambda: ["contacts"]
+    )
+    # Pause between polls; AD has no change filter, so a poll may be a full scan.
+    poll_interval: Duration = Duration(900.0)
+    # Requests per second; conservative because AD documents no limit.
+    rate: PositiveFloat = 2.0
+    # Profile in [mapping]; a missing profile means the built-in defaults.
+    mapping: Name = "activedemand"
+
+
+class Sources(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    # Action Network groups to poll.
+    action_network: list[ActionNetworkSource] = []
+    # ActiveDEMAND accounts to poll.
+    activedemand: list[ActiveDemandSource] = []
+
+
+class FieldRule(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    # Source field path(s), e.g. "given_name" or "email_addresses.0.address"; TOML key `from`.
+    source: str | Annotated[list[str], msgspec.Meta(min_length=1)] = msgspec.field(name="from")
+    # Transforms applied in order; names from TRANSFORMS.
+    transforms: list[str] = []
+    # Format string for the "template" transform, e.g. "{given_name} {family_name}".
+    template: str | None = None
+    # Value used when the source is missing or empty.
+    default: str | None = None
+    # strftime format for the "date" transform.
+    date_format: str | None = None
+
+
+class MappingProfile(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    # GHL contact field -> rule.
+    contact: dict[str, FieldRule] = {}
+    # GHL custom field id or key -> rule.
+    custom_fields: dict[str, FieldRule] = {}
+
+
+class Config(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    # Where durable state lives.
+    state: StateConfig = msgspec.field(default_factory=StateConfig)
+    # Log level and format.
+    logging: LoggingConfig = msgspec.field(default_factory=LoggingConfig)
+    # Queue, retry and shutdown tuning.
+    pipeline: PipelineConfig = msgspec.field(default_factory=PipelineConfig)
+    # Target locations.
+    ghl: GhlConfig = msgspec.field(default_factory=GhlConfig)
+    # Systems polled for changes.
+    sources: Sources = msgspec.field(default_factory=Sources)
+    # Named field-mapping profiles, referenced by sources.
+    mapping: dict[str, MappingProfile] = {}
+
+    def secret_values(self) -> list[str]:
+        """Return every resolved secret in the config, once each, for log redaction."""
+        values = (v.reveal() for _, _, v in _walk(self, "$") if isinstance(v, Secret))
+        return list(dict.fromkeys(values))
+
+
+def load_config(path: str | Path, env: Mapping[str, str] | None = None) -> Config:
+    """Read, decode and check the config at ``path``; any problem raises ``ConfigError``."""
+    path = Path(path)
+    env = os.environ if env is None else env
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        reason = exc.strerror or type(exc).__name__
+        raise ConfigError("$", f"cannot read config file {path}: {reason}") from None
+    except UnicodeDecodeError:
+        raise ConfigError("$", f"cannot read config file {path}: not UTF-8") from None
+    try:
+        raw = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError("$", _toml_reason(exc)) from None
+    base_dir = path.absolute().parent
+    hook = _decode_hook(env, base_dir)
+    try:
+        config = msgspec.convert(raw, Config, dec_hook=hook)
+    except msgspec.ValidationError as exc:
+        raise _config_error(str(exc), raw, hook) from None
+    state_path = Path(config.state.path)
+    # ":memory:" is SQLite's in-memory database, not a file name.
+    if config.state.path != ":memory:" and not state_path.is_absolute():
+        state = StateConfig(path=str(base_dir / state_path))
+        config = msgspec.structs.replace(config, state=state)
+    _check(config)
+    return config
+
+
+_Hook = Callable[[type, Any], Any]
+
+
+def _decode_hook(env: Mapping[str, str], base_dir: Path) -> _Hook:
+    """Build msgspec's hook for Duration and Secret; secrets resolve against env and base_dir."""
+
+    def hook(tp: type, obj: Any) -> Any:
+        if tp is Duration:
+            if isinstance(obj, str):
+                return Duration(parse_duration(obj))
+            # A bare number means seconds; bool is an int in Python but not a duration.
+            if isinstance(obj, int | float) and not isinstance(obj, bool):
+                if not math.isfinite(obj) or obj < 0:
+                    raise ValueError(f"expected a duration of 0 or more seconds, got {obj}")
+                return Duration(obj)
+            raise TypeError(f'expected a duration like "30s", got {_type_word(obj)}')
+        if tp is Secret:
+            if not isinstance(obj, str):
+                # The value is never echoed: a mistyped secret is still a secret.
+                raise TypeError(f"expected a string, got {_type_word(obj)}")
+            return resolve_secret(obj, env=env, base_dir=base_dir)
+        raise NotImplementedError(tp)
+
+    return hook
+
+
+def _type_word(obj: object) -> str:
+    return _TYPE_WORDS.get(type(obj).__name__, type(obj).__name__)
+
+
+# msgspec's and Python's type names as a TOML author knows them.
+_TYPE_WORDS: Final = {
+    "str": "a string",
+    "int": "an integer",
+    "float": "a number",
+    "bool": "a boolean",
+}
+_TYPE_WORDS.update(
+    {"object": "a table", "dict": "a table", "array": "an array", "list": "an array"}
+)
+_COMPARISONS: Final = {">": "greater than", ">=": "at least", "<": "less than", "<=": "at most"}
+_MSGSPEC_ERROR: Final = re.compile(r"(?P<reason>.*?)(?: - at `(?P<path>\$.*)`)?", re.DOTALL)
+_TOML_POSITION: Final = re.compile(r"(?P<msg>.*) \(at line (?P<line>\d+), column \d+\)")
+
+
+def _toml_reason(exc: tomllib.TOMLDecodeError) -> str:
+    match = _TOML_POSITION.fullmatch(str(exc))
+    if match is None:
+        return f"invalid TOML: {exc}"
+    return f"invalid TOML: {match['msg']} (line {match['line']})"
+
+
+def _config_error(message: str, raw: Any, hook: _Hook) -> ConfigError:
+    """Reword one msgspec validation message for an operator, keeping its ``$.path``."""
+    match = _MSGSPEC_ERROR.fullmatch(message)
+    assert match is not None  # the pattern matches any string
+    reason, path = match["reason"], match["path"] or "$"
+    path, choices = _locate(path, raw, hook)
+    if found := re.fullmatch(r"Object contains unknown field `(.*)`", reason):
+        return ConfigError(path, f'unknown key "{found[1]}"')
+    if found := re.fullmatch(r"Object missing required field `(.*)`", reason):
+        return ConfigError(path, f'missing required key "{found[1]}"')
+    if found := re.fullmatch(r"Invalid (?:enum )?value (.*)", reason):
+        known = f" (known: {', '.join(map(str, choices))})" if choices else ""
+        return ConfigError(path, f'unknown value "{found[1].strip(chr(39))}"{known}')
+    if found := re.fullmatch(
+        r"Expected `(.*?)`(?:, got `(.*)`| of length (\S+) (\S+)| (\S+) (\S+))?", reason
+    ):
+        expected = " or ".join(_TYPE_WORDS.get(t, t) for t in found[1].split(" | "))
+        if found[2]:
+            return ConfigError(
+                path, f"expected {expected}, got {_TYPE_WORDS.get(found[2], found[2])}"
+            )
+        if found[3] == ">=" and found[4] == "1":
+            return ConfigError(path, "must not be empty")
+        if found[5]:
+            bound = found[6].removesuffix(".0")
+            return ConfigError(path, f"must be {_COMPARISONS.get(found[5], found[5])} {bound}")
+        return ConfigError(path, f"expected {expected}")
+    return ConfigError(path, reason)
+
+
+_PATH_TOKEN: Final = re.compile(r"\.([^.\[]+)|\[(\d+)\]|(\[\.\.\.\])")
+
+
+def _locate(path: str, raw: Any, hook: _Hook) -> tuple[str, tuple[object, ...]]:
+    """Put real keys where msgspec wrote ``[...]`` for a dict key; find a Literal's choices.
+
+    msgspec does not name dict keys in its paths, but a mapping profile or field name is
+    what an operator needs to find the mistake, so the failing entry is found by decoding
+    each one again. Best effort: on any surprise the path is returned as msgspec gave it.
+    """
+    out, node, tp = "$", raw, Config
+    try:
+        for key, index, any_key in _PATH_TOKEN.findall(path[1:]):
+            arms = _arms(tp)
+            if any_key:
+                value_tp = next(get_args(a)[1] for a in arms if get_origin(a) is dict)
+                key = next(k for k, v in node.items() if not _decodes(v, value_tp, hook))
+                out, node, tp = f"{out}.{key}", node[key], value_tp
+            elif index:
+                item_tp = next(get_args(a)[0] for a in arms if get_origin(a) is list)
+                out, node, tp = f"{out}[{index}]", node[int(index)], item_tp
+            else:
+                structs = [a for a in arms if isinstance(a, type) and issubclass(a, msgspec.Struct)]
+                tag_field = structs[0].__struct_config__.tag_field
+                if key == tag_field:
+                    return f"{out}.{key}", tuple(s.__struct_config__.tag for s in structs)
+                if tag_field is not None:
+                    tag = node.get(tag_field)
+                    structs = [s for s in structs if s.__struct_config__.tag == tag]
+                field = next(f for f in msgspec.structs.fields(structs[0]) if f.encode_name == key)
+                out, node, tp = f"{out}.{key}", node.get(key), field.type
+    except (StopIteration, LookupError, AttributeError, TypeError, ValueError):
+        return path, ()
+    choices = tuple(v for a in _arms(tp) if get_origin(a) is Literal for v in get_args(a))
+    return out, choices
+
+
+def _arms(tp: Any) -> tuple[Any, ...]:
+    """Flatten ``Annotated`` and unions into the plain types a value may take."""
+    origin = get_origin(tp)
+    if origin is Annotated:
+        return _arms(get_args(tp)[0])
+    if origin is Union or origin is types.UnionType:
+        return tuple(arm for member in get_args(tp) for arm in _arms(member))
+    return (tp,)
+
+
+def _decodes(value: object, tp: Any, hook: _Hook) -> bool:
+    try:
+        msgspec.convert(value, tp, dec_hook=hook)
+    except msgspec.ValidationError:
+        return False
+    return True
+
+
+def _walk(obj: object, path: str) -> Iterator[tuple[str, str, object]]:
+    """Yield ``(path, field name, value)`` for every Struct field under ``obj``, depth first."""
+    if isinstance(obj, msgspec.Struct):
+        for field in msgspec.structs.fields(obj):
+            value, sub = getattr(obj, field.name), f"{path}.{field.encode_name}"
+            yield sub, field.name, value
+            yield from _walk(value, sub)
+    elif isinstance(obj, list):
+        for index, item in enumerate(obj):
+            yield from _walk(item, f"{path}[{index}]")
+    elif isinstance(obj, dict):
+        for key, item in obj.items():
+            yield from _walk(item, f"{path}.{key}")
+
+
+_URL_FIELDS: Final = frozenset({"base_url", "authorize_url", "redirect_uri"})
+
+
+def _check(config: Config) -> None:
+    """Cross-field rules msgspec cannot express; raise on the first broken one."""
+    for path, name, value in _walk(config, "$"):
+        # A zero interval would spin; only the overlap window may be empty.
+        if isinstance(value, Duration) and value <= 0 and name != "overlap":
+            raise ConfigError(path, "must be greater than 0")
+        if name in _URL_FIELDS and not str(value).startswith(("http://", "https://")):
+            raise ConfigError(path, f'must start with http:// or https://, got "{value}"')
+        if name == "transforms" and isinstance(value, list):
+            for index, transform in enumerate(value):
+                if transform not in TRANSFORMS:
+                    known = ", ".join(sorted(TRANSFORMS))
+                    reason = f'unknown transform "{transform}" (known: {known})'
+                    raise ConfigError(f"{path}[{index}]", reason)
+    locations = config.ghl.locations
+    _check_unique(
+        [(f"$.ghl.locations[{i}].name", x.name) for i, x in enumerate(locations)], "GHL location"
+    )
+    sources: list[tuple[str, ActionNetworkSource | ActiveDemandSource]] = [
+        (f"$.sources.action_network[{i}]", s) for i, s in enumerate(config.sources.action_network)
+    ] + [(f"$.sources.activedemand[{i}]", s) for i, s in enumerate(config.sources.activedemand)]
+    _check_unique([(f"{path}.name", s.name) for path, s in sources], "source")
+    if sources and not locations:
+        raise ConfigError(
+            "$.ghl.locations", "at least one GHL location is needed to send sources to"
+        )
+    location_names = {location.name for location in locations}
+    for path, source in sources:
+        if source.location not in location_names:
+            names = ", ".join(location.name for location in locations)
+            raise ConfigError(
+                f"{path}.location", f'no GHL location named "{source.location}" (known: {names})'
+            )
+
+
+def _check_unique(named: list[tuple[str, str]], what: str) -> None:
+    seen: set[str] = set()
+    for path, name in named:
+        if name in seen:
+            raise ConfigError(path, f'duplicate {what} name "{name}"')
+        seen.add(name)

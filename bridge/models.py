@@ -1,0 +1,185 @@
+"""Structs passed between pipeline stages: source events, outbox ops and their results."""
+
+from __future__ import annotations
+
+import hashlib
+
+import msgspec
+
+
+class SourceEvent(msgspec.Struct, frozen=True, kw_only=True):
+    """One record read from a source, before it is mapped to target ops.
+
+    ``key`` is the bridge's stable name for the record (``an-main:person:<uuid>``); it is
+    the id-map key and, for messages, the ``altId`` written to GHL. ``data`` is the
+    record's JSON exactly as the stream normalised it, so a dead letter can be replayed.
+    """
+
+    stream: str
+    key: str
+    kind: str
+    data: bytes
+    content_hash: str
+
+
+class Page(msgspec.Struct, frozen=True, kw_only=True):
+    """One page of a stream: its events and the cursor to store once they are durable."""
+
+    events: list[SourceEvent]
+    cursor: str | None
+
+
+class _EventEnvelope(msgspec.Struct, frozen=True, kw_only=True):
+    stream: str
+    key: str
+    kind: str
+    content_hash: str
+    data: msgspec.Raw
+
+
+def encode_event(event: SourceEvent) -> bytes:
+    """A dead-letter payload for an event: readable JSON that can be replayed."""
+    return msgspec.json.encode(
+        _EventEnvelope(
+            stream=event.stream,
+            key=event.key,
+            kind=event.kind,
+            content_hash=event.content_hash,
+            data=msgspec.Raw(event.data),
+        )
+    )
+
+
+def decode_event(payload: bytes) -> SourceEvent:
+    envelope = msgspec.json.decode(payload, type=_EventEnvelope)
+    return SourceEvent(
+        stream=envelope.stream,
+        key=envelope.key,
+        kind=envelope.kind,
+        content_hash=envelope.content_hash,
+        data=bytes(envelope.data),
+    )
+
+
+class NewOp(msgspec.Struct, frozen=True, kw_only=True):
+    """A target operation to write into the outbox.
+
+    ``entity`` is the ordering key: ops of one entity run one at a time, in outbox
+    order. ``target`` names the connector instance that performs it (``ghl:main``).
+    ``content_hash`` is recorded in the id map when the op completes; only the last op
+    of an event carries it, so a record counts as delivered when all its ops are done.
+    """
+
+    target: str
+    entity: str
+    kind: str
+    source_key: str
+    payload: bytes
+    content_hash: str | None = None
+
+
+class Op(msgspec.Struct, frozen=True, kw_only=True):
+    """An outbox row handed to a sender."""
+
+    id: int
+    stream: str
+    target: str
+    entity: str
+    kind: str
+    source_key: str
+    payload: bytes
+    content_hash: str | None
+    attempts: int
+    in_doubt: bool
+
+
+class IdMapUpdate(msgspec.Struct, frozen=True, kw_only=True):
+    """Target ids learned by an op; ``None`` leaves the stored value unchanged."""
+
+    source_key: str
+    contact_id: str | None = None
+    conversation_id: str | None = None
+    message_id: str | None = None
+
+
+class OpResult(msgspec.Struct, frozen=True, kw_only=True):
+    """What a sender learned from a successful (or reconciled) op."""
+
+    updates: tuple[IdMapUpdate, ...] = ()
+
+
+class IdMapRow(msgspec.Struct, frozen=True, kw_only=True):
+    """What the bridge knows about one source record in the target."""
+
+    source_key: str
+    contact_id: str | None
+    conversation_id: str | None
+    message_id: str | None
+    content_hash: str | None
+    updated_at: float
+
+
+class Rejection(msgspec.Struct, frozen=True, kw_only=True):
+    """A source event that could not be mapped, bound for the dead-letter table."""
+
+    event: SourceEvent
+    reason: str
+
+
+class DeadLetter(msgspec.Struct, frozen=True, kw_only=True):
+    """A dead-letter row: an op or event that was rejected, with why and how often."""
+
+    id: int
+    stream: str
+    target: str | None
+    entity: str | None
+    kind: str
+    source_key: str
+    content_hash: str | None
+    payload: bytes
+    error: str
+    attempts: int
+    first_seen: float
+    last_seen: float
+
+
+class CursorRow(msgspec.Struct, frozen=True, kw_only=True):
+    """A stream's stored cursor and when it last moved."""
+
+    stream: str
+    value: str
+    updated_at: float
+
+
+class BudgetRow(msgspec.Struct, frozen=True, kw_only=True):
+    """A rate-limit bucket as last reported by the running daemon."""
+
+    api: str
+    tenant: str
+    capacity: int
+    window: float
+    available: int
+    used_today: int
+    daily_cap: int | None
+    paused_until: float | None
+    updated_at: float
+
+
+class TokenRow(msgspec.Struct, frozen=True, kw_only=True):
+    """An OAuth token pair for one GHL location."""
+
+    location: str
+    access_token: str
+    refresh_token: str
+    expires_at: float
+    scope: str
+    updated_at: float
+
+
+EVENT_KIND = "event"
+"""Dead-letter ``kind`` for a source event that failed to map (as opposed to an op)."""
+
+
+def content_hash(data: bytes) -> str:
+    """A short stable digest of a record's content, to skip unchanged records."""
+    return hashlib.blake2b(data, digest_size=16).hexdigest()

@@ -1,0 +1,468 @@
+"""Producers, a dispatcher and partitioned senders around the durable outbox.
+
+::
+
+    stream.pages() -> transform -> store.commit_page (ops + cursor, one transaction)
+                                          |
+    dispatcher: store.due_ops (head op of each entity) -> partition queue (crc32(entity) % N)
+                                          |
+    sender: mark in flight -> [reconcile if in doubt] -> target.send -> store.complete
+
+Shutdown has two phases: stop intake (producers and dispatcher), then give ops already
+being sent ``drain_grace`` seconds to finish before cancelling them. Nothing pending is
+lost: queued ops are still ``pending`` in SQLite, and an op cancelled mid-call stays
+``in_flight`` and is reconciled at the next start.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import random
+import zlib
+from collections.abc import AsyncIterator, Mapping, Sequence
+from typing import Protocol
+
+import msgspec
+import structlog
+
+from bridge.clock import Clock
+from bridge.config import PipelineConfig
+from bridge.errors import Fatal, InDoubt, Rejected, Retryable
+from bridge.models import (
+    EVENT_KIND,
+    DeadLetter,
+    NewOp,
+    Op,
+    OpResult,
+    Page,
+    Rejection,
+    SourceEvent,
+    decode_event,
+)
+from bridge.rest import backoff_delay
+from bridge.store import Store
+
+log = structlog.get_logger("bridge.pipeline")
+
+
+class Stream(Protocol):
+    """A source stream: pages of events from a cursor, and how to map one event to ops."""
+
+    name: str
+    poll_interval: float
+
+    def pages(self, cursor: str | None) -> AsyncIterator[Page]:
+        """Read from ``cursor`` until caught up; each page's cursor is stored with its ops."""
+        ...
+
+    def transform(self, event: SourceEvent) -> Sequence[NewOp]:
+        """Map one event to ordered ops; raise ``Rejected`` for a bad record."""
+        ...
+
+
+class Target(Protocol):
+    """Something that performs ops: a connector instance for one tenant."""
+
+    async def send(self, op: Op) -> OpResult:
+        """Perform the op; raise from the error tree on failure."""
+        ...
+
+    async def reconcile(self, op: Op) -> OpResult | None:
+        """Find out whether an in-doubt op already took effect; None means it did not."""
+        ...
+
+
+class RunSummary(msgspec.Struct, kw_only=True):
+    """What one run did, for ``bridge once`` and the demo."""
+
+    events_read: int = 0
+    events_unchanged: int = 0
+    ops_written: int = 0
+    ops_sent: int = 0
+    ops_retried: int = 0
+    ops_reconciled: int = 0
+    dead_lettered: int = 0
+    in_doubt_at_start: int = 0
+
+
+def partition_of(entity: str, partitions: int) -> int:
+    """Stable partition for an entity (crc32, not hash(), so it is the same every run)."""
+    return zlib.crc32(entity.encode()) % partitions
+
+
+class Pipeline:
+    """Runs the streams into the outbox and the outbox into the targets."""
+
+    def __init__(
+        self,
+        store: Store,
+        streams: Sequence[Stream],
+        targets: Mapping[str, Target],
+        settings: PipelineConfig,
+        clock: Clock,
+        rng: random.Random | None = None,
+    ) -> None:
+        self._store = store
+        self._streams = list(streams)
+        self._streams_by_name = {s.name: s for s in streams}
+        self._targets = targets
+        self._settings = settings
+        self._clock = clock
+        self._rng = rng or random.Random()  # noqa: S311 - jitter, not cryptography
+        self._queues: list[asyncio.Queue[Op]] = [
+            asyncio.Queue(settings.queue_size) for _ in range(settings.senders)
+        ]
+        self._busy: set[str] = set()
+        self._open = 0
+        self._wake = asyncio.Event()
+        self._room = asyncio.Event()
+        self._stop = asyncio.Event()
+        self._intake_done = False
+        self._once = False
+        self._failure: BaseException | None = None
+        self._deliveries: set[asyncio.Task[None]] = set()
+        self.summary = RunSummary()
+
+    # -- lifecycle ------------------------------------------------------------------------------
+
+    def request_stop(self) -> None:
+        """First phase of shutdown: stop polling and dispatching (safe from a signal handler)."""
+        self._stop.set()
+
+    @property
+    def open_ops(self) -> int:
+        return self._open
+
+    async def run(self, *, once: bool = False) -> RunSummary:
+        """Run until stopped (or, with ``once``, until every stream is caught up and drained)."""
+        self._once = once
+        self.summary.in_doubt_at_start = await self._store.recover_in_flight()
+        if self.summary.in_doubt_at_start:
+            log.warning("ops_in_doubt_at_start", count=self.summary.in_doubt_at_start)
+        self._open = await self._store.open_ops()
+        producers = [
+            asyncio.create_task(self._produce(s, once=once), name=f"producer:{s.name}")
+            for s in self._streams
+        ]
+        workers = [
+            asyncio.create_task(self._send_loop(q), name=f"sender:{i}")
+            for i, q in enumerate(self._queues)
+        ]
+        workers.append(asyncio.create_task(self._dispatch(), name="dispatcher"))
+        for task in [*producers, *workers]:
+            task.add_done_callback(self._on_task_done)
+        intake = asyncio.create_task(self._await_intake(producers), name="intake")
+        try:
+            await self._stop.wait()
+        finally:
+            intake.cancel()
+            await self._shutdown(producers, workers)
+        if self._failure is not None:
+            raise self._failure
+        return self.summary
+
+    async def _await_intake(self, producers: list[asyncio.Task[None]]) -> None:
+        await asyncio.gather(*producers, return_exceptions=True)
+        self._intake_done = True
+        self._check_drained()
+
+    def _on_task_done(self, task: asyncio.Task[None]) -> None:
+        if task.cancelled() or task.exception() is None:
+            return
+        # A background task that dies takes the run down loudly: silence would stall a
+        # stream for months. The first failure is the one reported.
+        if self._failure is None:
+            self._failure = task.exception()
+            log.error("task_failed", task=task.get_name(), error=str(task.exception()))
+        self._stop.set()
+
+    def _check_drained(self) -> None:
+        if self._once and self._intake_done and self._open == 0 and not self._deliveries:
+            self._stop.set()
+
+    async def _shutdown(
+        self, producers: list[asyncio.Task[None]], workers: list[asyncio.Task[None]]
+    ) -> None:
+        log.info("shutdown_started", in_flight=len(self._deliveries), open_ops=self._open)
+        for task in [*producers, *workers]:
+            task.cancel()
+        await asyncio.gather(*producers, *workers, return_exceptions=True)
+        # Ops still queued were never started: they stay pending in SQLite.
+        for queue in self._queues:
+            while not queue.empty():
+                self._busy.discard(queue.get_nowait().entity)
+        if self._deliveries:
+            _, late = await asyncio.wait(self._deliveries, timeout=self._settings.drain_grace)
+            for task in late:
+                task.cancel()
+            if late:
+                log.warning("drain_grace_exceeded", cancelled=len(late))
+                await asyncio.gather(*late, return_exceptions=True)
+        log.info("shutdown_complete", open_ops=self._open)
+
+    # -- intake -----------------------------------------------------------------------------------
+
+    async def _produce(self, stream: Stream, *, once: bool) -> None:
+        attempt = 0
+        with structlog.contextvars.bound_contextvars(stream=stream.name):
+            while not self._stop.is_set():
+                try:
+                    await self._poll(stream)
+                    attempt = 0
+                except Retryable as exc:
+                    delay = backoff_delay(
+                        attempt,
+                        base=self._settings.retry_base,
+                        cap=self._settings.retry_cap,
+                        retry_after=exc.retry_after,
+                        rng=self._rng,
+                    )
+                    attempt += 1
+                    log.warning("poll_failed", error=str(exc), retry_in=round(delay, 3))
+                    await self._sleep_unless_stopped(delay)
+                    continue
+                if once:
+                    log.info("stream_caught_up")
+                    return
+                await self._sleep_unless_stopped(stream.poll_interval)
+
+    async def _sleep_unless_stopped(self, seconds: float) -> None:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._stop.wait(), seconds)
+
+    async def _poll(self, stream: Stream) -> None:
+        cursor = await self._store.get_cursor(stream.name)
+        async for page in stream.pages(cursor):
+            ops, rejections = await self._transform(stream, page.events)
+            await self._wait_for_room(len(ops))
+            now = self._clock.time()
+            await self._store.commit_page(stream.name, page.cursor, ops, rejections, now=now)
+            self._open += len(ops)
+            self.summary.ops_written += len(ops)
+            self.summary.dead_lettered += len(rejections)
+            for rejection in rejections:
+                log.warning(
+                    "event_dead_lettered", source_key=rejection.event.key, reason=rejection.reason
+                )
+            log.info(
+                "page_committed",
+                events=len(page.events),
+                ops=len(ops),
+                rejected=len(rejections),
+                cursor=page.cursor,
+            )
+            self._wake.set()
+
+    async def _transform(
+        self, stream: Stream, events: Sequence[SourceEvent]
+    ) -> tuple[list[NewOp], list[Rejection]]:
+        self.summary.events_read += len(events)
+        known = await self._store.known_hashes([e.key for e in events])
+        seen: set[tuple[str, str]] = set()
+        ops: list[NewOp] = []
+        rejections: list[Rejection] = []
+        for event in events:
+            mark = (event.key, event.content_hash)
+            # The same record twice in a page (overlap windows) or already delivered or
+            # queued with this content: nothing to do.
+            if mark in seen or event.content_hash in known.get(event.key, ()):
+                self.summary.events_unchanged += 1
+                continue
+            seen.add(mark)
+            try:
+                event_ops = list(stream.transform(event))
+            except Rejected as exc:
+                rejections.append(Rejection(event=event, reason=str(exc)))
+                continue
+            if event_ops and event_ops[-1].content_hash is None:
+                # The record counts as delivered when its last op is done.
+                event_ops[-1] = msgspec.structs.replace(
+                    event_ops[-1], content_hash=event.content_hash
+                )
+            ops.extend(event_ops)
+        return ops, rejections
+
+    async def _wait_for_room(self, count: int) -> None:
+        """Back-pressure: keep the outbox at or below its high-water mark.
+
+        A page larger than the whole mark is let in once the outbox is empty, otherwise
+        it could never be written.
+        """
+        high = self._settings.outbox_high_water
+        while self._open + count > high and self._open > 0:
+            self._room.clear()
+            await self._room.wait()
+
+    # -- dispatch -------------------------------------------------------------------------------
+
+    async def _dispatch(self) -> None:
+        capacity = self._settings.senders * self._settings.queue_size
+        while not self._stop.is_set():
+            self._wake.clear()
+            free = capacity - len(self._busy)
+            ops: list[Op] = []
+            if free > 0:
+                ops = await self._store.due_ops(
+                    now=self._clock.time(), limit=min(free, 500), exclude=self._busy
+                )
+            queued = 0
+            for op in ops:
+                queue = self._queues[partition_of(op.entity, len(self._queues))]
+                if queue.full():
+                    continue  # that partition is saturated; the op stays pending for later
+                self._busy.add(op.entity)
+                queue.put_nowait(op)
+                queued += 1
+            if queued and queued == len(ops):
+                continue
+            await self._idle_wait()
+
+    async def _idle_wait(self) -> None:
+        timeout = float(self._settings.idle_poll)
+        due = await self._store.next_due_at()
+        if due is not None:
+            timeout = max(0.0, min(timeout, due - self._clock.time()))
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._wake.wait(), timeout)
+
+    async def _send_loop(self, queue: asyncio.Queue[Op]) -> None:
+        while True:
+            op = await queue.get()
+            task = asyncio.create_task(self._deliver(op), name=f"deliver:{op.id}")
+            self._deliveries.add(task)
+            try:
+                # Shielded: stopping the sender loop must not cancel an op mid-call;
+                # shutdown gives deliveries their grace period separately.
+                await asyncio.shield(task)
+            finally:
+                if task.done():
+                    self._finish(task, op)
+                else:
+                    task.add_done_callback(functools.partial(self._finish_callback, op))
+
+    def _finish_callback(self, op: Op, task: asyncio.Task[None]) -> None:
+        self._finish(task, op)
+
+    def _finish(self, task: asyncio.Task[None], op: Op) -> None:
+        if not task.cancelled() and task.exception() is not None and self._failure is None:
+            # Seen here when the sender loop was already stopped (a Fatal during drain).
+            self._failure = task.exception()
+            self._stop.set()
+        self._deliveries.discard(task)
+        self._busy.discard(op.entity)
+        self._wake.set()
+        self._check_drained()
+
+    # -- delivery -------------------------------------------------------------------------------
+
+    async def _deliver(self, op: Op) -> None:
+        target = self._targets.get(op.target)
+        with structlog.contextvars.bound_contextvars(
+            stream=op.stream, entity=op.entity, op=op.kind, op_id=op.id
+        ):
+            if target is None:
+                await self._dead_letter(op, f"no target named {op.target!r} is configured")
+                return
+            await self._store.mark_in_flight(op.id, now=self._clock.time())
+            try:
+                result = await target.reconcile(op) if op.in_doubt else None
+                if op.in_doubt:
+                    self.summary.ops_reconciled += 1
+                    log.info("op_reconciled", found=result is not None)
+                if result is None:
+                    result = await target.send(op)
+            except Retryable as exc:
+                await self._retry(op, str(exc), exc.retry_after, in_doubt=op.in_doubt)
+            except InDoubt as exc:
+                await self._retry(op, str(exc), None, in_doubt=True)
+            except Rejected as exc:
+                reason = "; ".join((str(exc), *exc.details)) if exc.details else str(exc)
+                await self._dead_letter(op, reason)
+            except Fatal:
+                await self._store.release(op)
+                raise
+            except Exception as exc:
+                # A bug or an unexpected reply: the write may have happened, so reconcile
+                # before trying again rather than dead-lettering a record that was fine.
+                log.exception("op_failed_unexpectedly")
+                await self._retry(op, f"unexpected error: {exc!r}", None, in_doubt=True)
+            else:
+                await self._store.complete(op, result, now=self._clock.time())
+                self._completed()
+                self.summary.ops_sent += 1
+                log.info("op_sent", attempts=op.attempts + 1)
+
+    async def _retry(
+        self, op: Op, error: str, retry_after: float | None, *, in_doubt: bool
+    ) -> None:
+        if op.attempts + 1 >= self._settings.max_attempts:
+            await self._dead_letter(op, f"gave up after {op.attempts + 1} attempts: {error}")
+            return
+        delay = backoff_delay(
+            op.attempts,
+            base=self._settings.retry_base,
+            cap=self._settings.retry_cap,
+            retry_after=retry_after,
+            rng=self._rng,
+        )
+        await self._store.retry_later(
+            op,
+            next_at=self._clock.time() + delay,
+            error=error,
+            in_doubt=in_doubt,
+            now=self._clock.time(),
+        )
+        self.summary.ops_retried += 1
+        log.warning(
+            "op_retry_scheduled",
+            attempt=op.attempts + 1,
+            retry_in=round(delay, 3),
+            error=error,
+            in_doubt=in_doubt,
+        )
+
+    async def _dead_letter(self, op: Op, reason: str) -> None:
+        await self._store.dead_letter_op(op, reason, now=self._clock.time())
+        self._completed()
+        self.summary.dead_lettered += 1
+        log.warning("op_dead_lettered", reason=reason, source_key=op.source_key)
+
+    def _completed(self) -> None:
+        self._open -= 1
+        self._room.set()  # producers waiting below the high-water mark look again
+
+    # -- replay ---------------------------------------------------------------------------------
+
+    async def replay(self, dl: DeadLetter) -> int:
+        """Put a dead letter back into the outbox; an event is mapped again first.
+
+        Returns the number of ops written. Mapping an event may reject it again, in which
+        case it stays a dead letter with the new reason.
+        """
+        if dl.kind == EVENT_KIND:
+            event = decode_event(dl.payload)
+            stream = self._streams_by_name.get(dl.stream)
+            if stream is None:
+                raise Rejected(f"dead letter {dl.id}: stream {dl.stream!r} is not configured")
+            ops = list(stream.transform(event))
+            if ops and ops[-1].content_hash is None:
+                ops[-1] = msgspec.structs.replace(ops[-1], content_hash=event.content_hash)
+        else:
+            assert dl.target is not None
+            assert dl.entity is not None
+            ops = [
+                NewOp(
+                    target=dl.target,
+                    entity=dl.entity,
+                    kind=dl.kind,
+                    source_key=dl.source_key,
+                    payload=dl.payload,
+                    content_hash=dl.content_hash,
+                )
+            ]
+        await self._store.replay_dead_letter(dl, ops, stream=dl.stream, now=self._clock.time())
+        self._open += len(ops)
+        self._wake.set()
+        return len(ops)

@@ -1,0 +1,204 @@
+"""Rolling-window request budgets keyed by (api, tenant) that server headers can only tighten."""
+
+from __future__ import annotations
+
+import asyncio
+import math
+from collections import deque
+
+import msgspec
+
+from bridge.clock import Clock
+
+__all__ = ["BucketState", "Limiters", "TokenBucket"]
+
+_DAY = 86_400.0
+
+
+class BucketState(msgspec.Struct, frozen=True):
+    """A snapshot of one bucket, for health output and metrics."""
+
+    api: str
+    tenant: str
+    capacity: int
+    window: float
+    available: int
+    paused_until: float | None
+    used_today: int
+    daily_cap: int | None
+
+
+class TokenBucket:
+    """At most ``capacity`` grants in any rolling ``window`` seconds, and ``daily_cap`` per UTC day.
+
+    Each spent token comes back exactly one window after it was granted: the bucket keeps
+    the grant times (at most ``capacity`` of them) rather than refilling at an average
+    rate, so a full burst is allowed whenever the whole budget is unspent and no rolling
+    window can ever hold more than ``capacity`` grants. A grant at ``g`` counts against
+    every instant ``t`` with ``t < g + window``.
+    """
+
+    def __init__(
+        self,
+        api: str,
+        tenant: str,
+        *,
+        capacity: int,
+        window: float,
+        daily_cap: int | None = None,
+        clock: Clock,
+    ) -> None:
+        if capacity < 1:
+            raise ValueError(f"capacity must be at least 1, got {capacity}")
+        if not (window > 0 and math.isfinite(window)):
+            raise ValueError(f"window must be a positive number of seconds, got {window}")
+        if daily_cap is not None and daily_cap < 1:
+            raise ValueError(f"daily_cap must be at least 1 or None, got {daily_cap}")
+        self.api = api
+        self.tenant = tenant
+        self._capacity = capacity
+        self._window = float(window)
+        self._daily_cap = daily_cap
+        self._clock = clock
+        self._grants: deque[float] = deque(maxlen=capacity)
+        self._paused_until: float | None = None
+        self._day = self._utc_day()
+        self._used_today = 0
+        # asyncio.Lock hands itself over in FIFO order and does not let a newcomer barge
+        # past queued waiters, so holding it while waiting makes the bucket first-come,
+        # first-served.
+        self._lock = asyncio.Lock()
+
+    async def acquire(self) -> None:
+        """Wait for a token (first come, first served) and spend it."""
+        async with self._lock:
+            while (wait := self._wait(self._clock.monotonic())) > 0:
+                await self._clock.sleep(wait)
+            self._grants.append(self._clock.monotonic())
+            self._used_today += 1
+
+    def tighten(
+        self, remaining: int, window: float | None = None, limit: int | None = None
+    ) -> None:
+        """Apply what the server says about the rolling budget, only where it is stricter.
+
+        ``remaining`` below the local availability is spent as phantom grants stamped now
+        (they come back one window later); a smaller ``limit`` or a longer ``window`` is
+        adopted; anything looser is ignored, since the server's view lags our in-flight calls.
+        """
+        if limit is not None and 0 < limit < self._capacity:
+            self._capacity = limit
+            # The newest grants are the ones that bind, so keeping them loses nothing.
+            self._grants = deque(self._grants, maxlen=limit)
+        if window is not None and math.isfinite(window) and window > self._window:
+            self._window = float(window)
+        now = self._clock.monotonic()
+        self._prune(now)
+        for _ in range(self._available() - max(0, remaining)):
+            self._grants.append(now)
+
+    def tighten_daily(self, remaining: int) -> None:
+        """Apply the server's daily remaining count, only where it is stricter.
+
+        A bucket with no daily cap learns one (used today + remaining), since the server
+        has just told us there is one.
+        """
+        self._roll_day()
+        remaining = max(0, remaining)
+        if self._daily_cap is None:
+            self._daily_cap = self._used_today + remaining
+        elif self._daily_cap - self._used_today > remaining:
+            self._used_today = self._daily_cap - remaining
+
+    def pause_until(self, t: float) -> None:
+        """Grant nothing before monotonic time ``t``; the latest pause wins, none shortens one."""
+        if self._paused_until is None or t > self._paused_until:
+            self._paused_until = t
+
+    def state(self) -> BucketState:
+        now = self._clock.monotonic()
+        self._prune(now)
+        self._roll_day()
+        paused = self._paused_until
+        return BucketState(
+            api=self.api,
+            tenant=self.tenant,
+            capacity=self._capacity,
+            window=self._window,
+            available=self._available(),
+            paused_until=paused if paused is not None and paused > now else None,
+            used_today=self._used_today,
+            daily_cap=self._daily_cap,
+        )
+
+    def _wait(self, now: float) -> float:
+        """Seconds until a grant could be allowed (<= 0 means now); callers re-check after."""
+        waits = [0.0]
+        if self._paused_until is not None:
+            waits.append(self._paused_until - now)
+        self._roll_day()
+        if self._daily_cap is not None and self._used_today >= self._daily_cap:
+            waits.append((self._day + 1) * _DAY - self._clock.time())
+        self._prune(now)
+        if len(self._grants) >= self._capacity:
+            waits.append(self._grants[-self._capacity] + self._window - now)
+        return max(waits)
+
+    def _available(self) -> int:
+        return max(0, self._capacity - len(self._grants))
+
+    def _prune(self, now: float) -> None:
+        while self._grants and self._grants[0] + self._window <= now:
+            self._grants.popleft()
+
+    def _utc_day(self) -> int:
+        return math.floor(self._clock.time() / _DAY)
+
+    def _roll_day(self) -> None:
+        # Only a later day resets the count: a wall clock stepping back must not refund calls.
+        day = self._utc_day()
+        if day > self._day:
+            self._day = day
+            self._used_today = 0
+
+
+class Limiters:
+    """Every bucket in the process, keyed by (api, tenant)."""
+
+    def __init__(self, clock: Clock) -> None:
+        self._clock = clock
+        self._buckets: dict[tuple[str, str], TokenBucket] = {}
+        self._configs: dict[tuple[str, str], tuple[int, float, int | None]] = {}
+
+    def add(
+        self,
+        api: str,
+        tenant: str,
+        *,
+        capacity: int,
+        window: float,
+        daily_cap: int | None = None,
+    ) -> TokenBucket:
+        """Create the bucket for (api, tenant), or return the existing one if configured alike."""
+        key = (api, tenant)
+        config = (capacity, float(window), daily_cap)
+        if key in self._buckets:
+            # Silently keeping the first of two different budgets would hide a config bug.
+            if self._configs[key] != config:
+                raise ValueError(
+                    f"bucket {api}/{tenant} already exists with capacity, window, daily_cap "
+                    f"{self._configs[key]}, not {config}"
+                )
+            return self._buckets[key]
+        bucket = TokenBucket(
+            api, tenant, capacity=capacity, window=window, daily_cap=daily_cap, clock=self._clock
+        )
+        self._buckets[key] = bucket
+        self._configs[key] = config
+        return bucket
+
+    def get(self, api: str, tenant: str) -> TokenBucket:
+        return self._buckets[(api, tenant)]
+
+    def states(self) -> list[BucketState]:
+        return [bucket.state() for bucket in self._buckets.values()]

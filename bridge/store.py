@@ -1,0 +1,736 @@
+"""The bridge's durable state in one SQLite file: cursors, outbox, id map, dead letters, tokens.
+
+No SQL lives outside this module, so a second backend (PostgreSQL with leases, for
+several nodes) is an addition behind the same methods, not a rewrite.
+
+One aiosqlite connection serves the process; an asyncio lock serialises transactions on
+it, because two coroutines interleaving ``BEGIN`` on one connection would share a
+transaction without knowing it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import time
+from collections.abc import AsyncIterator, Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+import aiosqlite
+
+from bridge.models import (
+    EVENT_KIND,
+    BudgetRow,
+    CursorRow,
+    DeadLetter,
+    IdMapRow,
+    IdMapUpdate,
+    NewOp,
+    Op,
+    OpResult,
+    Rejection,
+    TokenRow,
+    encode_event,
+)
+
+# Each entry upgrades the schema by one version; PRAGMA user_version records how far a
+# file has come. Never edit a shipped entry: append a new one.
+MIGRATIONS: tuple[str, ...] = (
+    """
+    CREATE TABLE cursors (
+        stream TEXT PRIMARY KEY,
+        value TEXT NOT NULL,
+        updated_at REAL NOT NULL
+    );
+    CREATE TABLE outbox (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        stream TEXT NOT NULL,
+        target TEXT NOT NULL,
+        entity TEXT NOT NULL,
+        kind TEXT NOT NULL,
+        source_key TEXT NOT NULL,
+        content_hash TEXT,
+        payload BLOB NOT NULL,
+        state TEXT NOT NULL DEFAULT 'pending'
+            CHECK (state IN ('pending', 'in_flight', 'done')),
+        in_doubt INTEGER NOT NULL DEFAULT 0,
+        attempts INTEGER NOT NULL DEFAULT 0,
+        next_at REAL NOT NULL,
+        last_error TEXT,
+        created_at REAL NOT NULL,
+        updated_at REAL NOT NULL
+    );
+    CREATE INDEX outbox_open_entity ON outbox (entity, id) WHERE state != 'done';
+    CREATE INDEX outbox_due ON outbox (next_at, id) WHERE state = 'pending';
+    CREATE INDEX outbox_open_source ON outbox (source_key) WHERE state != 'done';
+    CREATE INDEX outbox_done ON outbox (updated_at) WHERE state = 'done';
+    CREATE TABLE id_map (
+        source_key TEXT PRIMARY KEY,
+        contact_id TEXT,
+        conversation_id TEXT,
+        message_id TEXT,
+        content_hash TEXT,
+        updated_at REAL NOT NULL
+    );
+    CREATE TABLE dead_letter (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        stream TEXT NOT NULL,
+        target TEXT,
+        entity TEXT,
+        kind TEXT NOT NULL,
+        source_key TEXT NOT NULL,
+        content_hash TEXT,
+        payload BLOB NOT NULL,
+        error TEXT NOT NULL,
+        attempts INTEGER NOT NULL,
+        first_seen REAL NOT NULL,
+        last_seen REAL NOT NULL,
+        UNIQUE (source_key, kind)
+    );
+    CREATE TABLE oauth_tokens (
+        location TEXT PRIMARY KEY,
+        access_token TEXT NOT NULL,
+        refresh_token TEXT NOT NULL,
+        expires_at REAL NOT NULL,
+        scope TEXT NOT NULL,
+        updated_at REAL NOT NULL
+    );
+    CREATE TABLE budgets (
+        api TEXT NOT NULL,
+        tenant TEXT NOT NULL,
+        capacity INTEGER NOT NULL,
+        window REAL NOT NULL,
+        available INTEGER NOT NULL,
+        used_today INTEGER NOT NULL,
+        daily_cap INTEGER,
+        paused_until REAL,
+        updated_at REAL NOT NULL,
+        PRIMARY KEY (api, tenant)
+    );
+    """,
+)
+
+_OP_COLUMNS = (
+    "id, stream, target, entity, kind, source_key, payload, content_hash, attempts, in_doubt"
+)
+_DL_COLUMNS = (
+    "id, stream, target, entity, kind, source_key, content_hash, payload, error, attempts,"
+    " first_seen, last_seen"
+)
+# SQLite's default limit on host parameters is 999 on old builds; stay well below it.
+_CHUNK = 500
+
+
+def _op(row: Any) -> Op:
+    return Op(
+        id=row[0],
+        stream=row[1],
+        target=row[2],
+        entity=row[3],
+        kind=row[4],
+        source_key=row[5],
+        payload=bytes(row[6]),
+        content_hash=row[7],
+        attempts=row[8],
+        in_doubt=bool(row[9]),
+    )
+
+
+def _dead_letter(row: Any) -> DeadLetter:
+    return DeadLetter(
+        id=row[0],
+        stream=row[1],
+        target=row[2],
+        entity=row[3],
+        kind=row[4],
+        source_key=row[5],
+        content_hash=row[6],
+        payload=bytes(row[7]),
+        error=row[8],
+        attempts=row[9],
+        first_seen=row[10],
+        last_seen=row[11],
+    )
+
+
+def _chunks(items: Sequence[str]) -> Iterable[Sequence[str]]:
+    for start in range(0, len(items), _CHUNK):
+        yield items[start : start + _CHUNK]
+
+
+def _create_private(path: Path) -> None:
+    """Create the state file readable by its owner only, before SQLite opens it."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_CREAT | os.O_RDWR, 0o600)
+    os.close(fd)
+    # An existing file may have been created with a looser mode by an older tool.
+    os.chmod(path, 0o600)
+
+
+class Store:
+    """Async access to the state file; use ``async with Store.open(path) as store``."""
+
+    def __init__(self, conn: aiosqlite.Connection, path: Path) -> None:
+        self._conn = conn
+        self.path = path
+        # asyncio.Lock wakes waiters in FIFO order, so producers and senders take turns.
+        self._lock = asyncio.Lock()
+
+    @classmethod
+    @contextlib.asynccontextmanager
+    async def open(cls, path: str | Path) -> AsyncIterator[Store]:
+        """Open (creating and migrating if needed) the state file at ``path``."""
+        file = Path(path)
+        _create_private(file)
+        conn = await aiosqlite.connect(file, isolation_level=None)
+        try:
+            await conn.execute("PRAGMA journal_mode=WAL")
+            # NORMAL is durable across process crashes in WAL mode; only an OS crash can
+            # lose the last commits, and those are re-read from the source's cursor.
+            await conn.execute("PRAGMA synchronous=NORMAL")
+            await conn.execute("PRAGMA foreign_keys=ON")
+            await conn.execute("PRAGMA busy_timeout=5000")
+            store = cls(conn, file)
+            await store._migrate()
+            yield store
+        finally:
+            await conn.close()
+
+    @contextlib.asynccontextmanager
+    async def _tx(self) -> AsyncIterator[aiosqlite.Connection]:
+        """One write transaction; everything inside commits together or not at all."""
+        async with self._lock:
+            await self._conn.execute("BEGIN IMMEDIATE")
+            try:
+                yield self._conn
+            except BaseException:
+                await self._conn.execute("ROLLBACK")
+                raise
+            await self._conn.execute("COMMIT")
+
+    @contextlib.asynccontextmanager
+    async def _read(self) -> AsyncIterator[aiosqlite.Connection]:
+        async with self._lock:
+            yield self._conn
+
+    async def _migrate(self) -> None:
+        async with self._read() as conn, conn.execute("PRAGMA user_version") as cur:
+            row = await cur.fetchone()
+        version = int(row[0]) if row else 0
+        for number, script in enumerate(MIGRATIONS[version:], start=version + 1):
+            async with self._tx() as conn:
+                for statement in script.split(";"):
+                    if statement.strip():
+                        await conn.execute(statement)
+                await conn.execute(f"PRAGMA user_version = {number}")
+
+    async def schema_version(self) -> int:
+        async with self._read() as conn, conn.execute("PRAGMA user_version") as cur:
+            row = await cur.fetchone()
+        return int(row[0]) if row else 0
+
+    # -- cursors ------------------------------------------------------------------------
+
+    async def get_cursor(self, stream: str) -> str | None:
+        async with (
+            self._read() as conn,
+            conn.execute("SELECT value FROM cursors WHERE stream = ?", (stream,)) as cur,
+        ):
+            row = await cur.fetchone()
+        return str(row[0]) if row else None
+
+    async def set_cursor(self, stream: str, value: str | None) -> None:
+        """Set (or with ``None`` delete) a cursor outside the pipeline, for operators."""
+        async with self._tx() as conn:
+            if value is None:
+                await conn.execute("DELETE FROM cursors WHERE stream = ?", (stream,))
+            else:
+                await conn.execute(
+                    "INSERT INTO cursors (stream, value, updated_at) VALUES (?, ?, ?)"
+                    " ON CONFLICT (stream) DO UPDATE SET value = excluded.value,"
+                    " updated_at = excluded.updated_at",
+                    (stream, value, time.time()),
+                )
+
+    async def cursors(self) -> list[CursorRow]:
+        async with (
+            self._read() as conn,
+            conn.execute("SELECT stream, value, updated_at FROM cursors ORDER BY stream") as cur,
+        ):
+            rows = await cur.fetchall()
+        return [CursorRow(stream=r[0], value=r[1], updated_at=r[2]) for r in rows]
+
+    # -- intake: what the producers write --------------------------------------------------
+
+    async def known_hashes(self, keys: Sequence[str]) -> dict[str, set[str]]:
+        """Content hashes already delivered or waiting in the outbox, per source key.
+
+        A record whose hash is here needs no new ops: it was delivered, or ops that will
+        deliver it (or dead-letter them) are already durable.
+        """
+        found: dict[str, set[str]] = {}
+        async with self._read() as conn:
+            for chunk in _chunks(keys):
+                marks = ",".join("?" * len(chunk))
+                query = (
+                    f"SELECT source_key, content_hash FROM id_map WHERE source_key IN ({marks})"
+                    " AND content_hash IS NOT NULL"
+                    " UNION ALL SELECT source_key, content_hash FROM outbox"
+                    f" WHERE state != 'done' AND source_key IN ({marks})"
+                    " AND content_hash IS NOT NULL"
+                )
+                async with conn.execute(query, (*chunk, *chunk)) as cur:
+                    for key, digest in await cur.fetchall():
+                        found.setdefault(key, set()).add(digest)
+        return found
+
+    async def commit_page(
+        self,
+        stream: str,
+        cursor: str | None,
+        ops: Sequence[NewOp],
+        rejections: Sequence[Rejection] = (),
+        *,
+        now: float,
+    ) -> int:
+        """Write a page's ops, its rejected events and the cursor advance atomically.
+
+        Returns the number of ops written.
+        """
+        async with self._tx() as conn:
+            await conn.executemany(
+                "INSERT INTO outbox (stream, target, entity, kind, source_key, content_hash,"
+                " payload, next_at, created_at, updated_at) VALUES (?,?,?,?,?,?,?,?,?,?)",
+                [
+                    (
+                        stream,
+                        op.target,
+                        op.entity,
+                        op.kind,
+                        op.source_key,
+                        op.content_hash,
+                        op.payload,
+                        now,
+                        now,
+                        now,
+                    )
+                    for op in ops
+                ],
+            )
+            for rejection in rejections:
+                event = rejection.event
+                await self._upsert_dead_letter(
+                    conn,
+                    stream=stream,
+                    target=None,
+                    entity=None,
+                    kind=EVENT_KIND,
+                    source_key=event.key,
+                    content_hash=event.content_hash,
+                    payload=encode_event(event),
+                    error=rejection.reason,
+                    attempts=1,
+                    now=now,
+                )
+            if cursor is not None:
+                await conn.execute(
+                    "INSERT INTO cursors (stream, value, updated_at) VALUES (?, ?, ?)"
+                    " ON CONFLICT (stream) DO UPDATE SET value = excluded.value,"
+                    " updated_at = excluded.updated_at",
+                    (stream, cursor, now),
+                )
+        return len(ops)
+
+    # -- dispatch: what the senders read and write ------------------------------------------
+
+    async def due_ops(self, *, now: float, limit: int, exclude: Iterable[str] = ()) -> list[Op]:
+        """Pending ops whose time has come and that head their entity's queue.
+
+        An op waits while an earlier op of its entity is open (pending, scheduled for a
+        retry, or in flight), which keeps each entity's ops in outbox order.
+        """
+        excluded = set(exclude)
+        async with (
+            self._read() as conn,
+            conn.execute(
+                f"SELECT {_OP_COLUMNS} FROM outbox AS o"
+                " WHERE o.state = 'pending' AND o.next_at <= ?"
+                " AND NOT EXISTS (SELECT 1 FROM outbox AS p WHERE p.entity = o.entity"
+                " AND p.state != 'done' AND p.id < o.id)"
+                " ORDER BY o.next_at, o.id LIMIT ?",
+                (now, limit + len(excluded)),
+            ) as cur,
+        ):
+            rows = await cur.fetchall()
+        ops = [_op(row) for row in rows]
+        return [op for op in ops if op.entity not in excluded][:limit]
+
+    async def next_due_at(self) -> float | None:
+        """When the earliest pending op becomes due, or None when nothing is pending."""
+        async with (
+            self._read() as conn,
+            conn.execute("SELECT MIN(next_at) FROM outbox WHERE state = 'pending'") as cur,
+        ):
+            row = await cur.fetchone()
+        return None if row is None or row[0] is None else float(row[0])
+
+    async def mark_in_flight(self, op_id: int, *, now: float) -> None:
+        """Record the intent to call the target before the call is made."""
+        async with self._tx() as conn:
+            await conn.execute(
+                "UPDATE outbox SET state = 'in_flight', updated_at = ? WHERE id = ?",
+                (now, op_id),
+            )
+
+    async def complete(self, op: Op, result: OpResult, *, now: float) -> None:
+        """Record what the op learned and mark it done, in one transaction."""
+        async with self._tx() as conn:
+            for update in result.updates:
+                await self._merge_id_map(conn, update, None, now)
+            if op.content_hash is not None:
+                await self._merge_id_map(
+                    conn, IdMapUpdate(source_key=op.source_key), op.content_hash, now
+                )
+            await conn.execute(
+                "UPDATE outbox SET state = 'done', in_doubt = 0, last_error = NULL,"
+                " updated_at = ? WHERE id = ?",
+                (now, op.id),
+            )
+
+    async def _merge_id_map(
+        self, conn: aiosqlite.Connection, update: IdMapUpdate, digest: str | None, now: float
+    ) -> None:
+        await conn.execute(
+            "INSERT INTO id_map (source_key, contact_id, conversation_id, message_id,"
+            " content_hash, updated_at) VALUES (?, ?, ?, ?, ?, ?)"
+            " ON CONFLICT (source_key) DO UPDATE SET"
+            " contact_id = COALESCE(excluded.contact_id, contact_id),"
+            " conversation_id = COALESCE(excluded.conversation_id, conversation_id),"
+            " message_id = COALESCE(excluded.message_id, message_id),"
+            " content_hash = COALESCE(excluded.content_hash, content_hash),"
+            " updated_at = excluded.updated_at",
+            (
+                update.source_key,
+                update.contact_id,
+                update.conversation_id,
+                update.message_id,
+                digest,
+                now,
+            ),
+        )
+
+    async def retry_later(
+        self, op: Op, *, next_at: float, error: str, in_doubt: bool, now: float
+    ) -> None:
+        """Put an op back as pending, due at ``next_at``, counting the failed attempt."""
+        async with self._tx() as conn:
+            await conn.execute(
+                "UPDATE outbox SET state = 'pending', attempts = attempts + 1, next_at = ?,"
+                " last_error = ?, in_doubt = ?, updated_at = ? WHERE id = ?",
+                (next_at, error, int(in_doubt), now, op.id),
+            )
+
+    async def release(self, op: Op) -> None:
+        """Return an op to pending without counting an attempt (shutdown, fatal stop)."""
+        async with self._tx() as conn:
+            await conn.execute(
+                "UPDATE outbox SET state = 'pending', in_doubt = ? WHERE id = ?",
+                (int(op.in_doubt), op.id),
+            )
+
+    async def dead_letter_op(self, op: Op, error: str, *, now: float) -> None:
+        """Move an op from the outbox to the dead-letter table, in one transaction."""
+        async with self._tx() as conn:
+            await self._upsert_dead_letter(
+                conn,
+                stream=op.stream,
+                target=op.target,
+                entity=op.entity,
+                kind=op.kind,
+                source_key=op.source_key,
+                content_hash=op.content_hash,
+                payload=op.payload,
+                error=error,
+                attempts=op.attempts + 1,
+                now=now,
+            )
+            await conn.execute("DELETE FROM outbox WHERE id = ?", (op.id,))
+
+    async def recover_in_flight(self) -> int:
+        """Mark ops a crash left in flight as in doubt, so they are reconciled, not re-sent."""
+        async with self._tx() as conn:
+            cur = await conn.execute(
+                "UPDATE outbox SET state = 'pending', in_doubt = 1 WHERE state = 'in_flight'"
+            )
+            return cur.rowcount
+
+    async def open_ops(self) -> int:
+        """Ops not yet done (pending or in flight): the outbox depth."""
+        async with (
+            self._read() as conn,
+            conn.execute("SELECT COUNT(*) FROM outbox WHERE state != 'done'") as cur,
+        ):
+            row = await cur.fetchone()
+        return int(row[0]) if row else 0
+
+    async def outbox_counts(self) -> dict[str, int]:
+        """Outbox rows by state, with in-doubt pending ops counted apart."""
+        counts = {"pending": 0, "in_doubt": 0, "in_flight": 0, "done": 0}
+        async with (
+            self._read() as conn,
+            conn.execute(
+                "SELECT CASE WHEN state = 'pending' AND in_doubt THEN 'in_doubt' ELSE state END,"
+                " COUNT(*) FROM outbox GROUP BY 1"
+            ) as cur,
+        ):
+            for state, count in await cur.fetchall():
+                counts[state] = count
+        return counts
+
+    async def prune_done(self, *, before: float) -> int:
+        """Delete done ops older than ``before``; the id map keeps what they learned."""
+        async with self._tx() as conn:
+            cur = await conn.execute(
+                "DELETE FROM outbox WHERE state = 'done' AND updated_at < ?", (before,)
+            )
+            return cur.rowcount
+
+    # -- id map -------------------------------------------------------------------------------
+
+    async def id_map(self, source_key: str) -> IdMapRow | None:
+        async with (
+            self._read() as conn,
+            conn.execute(
+                "SELECT source_key, contact_id, conversation_id, message_id, content_hash,"
+                " updated_at FROM id_map WHERE source_key = ?",
+                (source_key,),
+            ) as cur,
+        ):
+            row = await cur.fetchone()
+        if row is None:
+            return None
+        return IdMapRow(
+            source_key=row[0],
+            contact_id=row[1],
+            conversation_id=row[2],
+            message_id=row[3],
+            content_hash=row[4],
+            updated_at=row[5],
+        )
+
+    async def id_map_count(self) -> int:
+        async with self._read() as conn, conn.execute("SELECT COUNT(*) FROM id_map") as cur:
+            row = await cur.fetchone()
+        return int(row[0]) if row else 0
+
+    # -- dead letters ---------------------------------------------------------------------------
+
+    async def _upsert_dead_letter(
+        self,
+        conn: aiosqlite.Connection,
+        *,
+        stream: str,
+        target: str | None,
+        entity: str | None,
+        kind: str,
+        source_key: str,
+        content_hash: str | None,
+        payload: bytes,
+        error: str,
+        attempts: int,
+        now: float,
+    ) -> None:
+        # One row per (record, kind): a record that keeps failing updates its row (latest
+        # payload and reason, attempts added up) instead of filling the table.
+        await conn.execute(
+            "INSERT INTO dead_letter (stream, target, entity, kind, source_key, content_hash,"
+            " payload, error, attempts, first_seen, last_seen) VALUES (?,?,?,?,?,?,?,?,?,?,?)"
+            " ON CONFLICT (source_key, kind) DO UPDATE SET stream = excluded.stream,"
+            " target = excluded.target, entity = excluded.entity,"
+            " content_hash = excluded.content_hash, payload = excluded.payload,"
+            " error = excluded.error, attempts = attempts + excluded.attempts,"
+            " last_seen = excluded.last_seen",
+            (
+                stream,
+                target,
+                entity,
+                kind,
+                source_key,
+                content_hash,
+                payload,
+                error,
+                attempts,
+                now,
+                now,
+            ),
+        )
+
+    async def dead_letters(
+        self, *, limit: int = 100, since: float | None = None
+    ) -> list[DeadLetter]:
+        """Dead letters, newest first; ``since`` keeps those seen at or after that time."""
+        async with (
+            self._read() as conn,
+            conn.execute(
+                f"SELECT {_DL_COLUMNS} FROM dead_letter WHERE last_seen >= ?"
+                " ORDER BY last_seen DESC, id DESC LIMIT ?",
+                (since if since is not None else 0.0, limit),
+            ) as cur,
+        ):
+            rows = await cur.fetchall()
+        return [_dead_letter(row) for row in rows]
+
+    async def dead_letter(self, dl_id: int) -> DeadLetter | None:
+        async with (
+            self._read() as conn,
+            conn.execute(f"SELECT {_DL_COLUMNS} FROM dead_letter WHERE id = ?", (dl_id,)) as cur,
+        ):
+            row = await cur.fetchone()
+        return None if row is None else _dead_letter(row)
+
+    async def dead_letter_count(self, *, since: float | None = None) -> int:
+        async with (
+            self._read() as conn,
+            conn.execute(
+                "SELECT COUNT(*) FROM dead_letter WHERE last_seen >= ?",
+                (since if since is not None else 0.0,),
+            ) as cur,
+        ):
+            row = await cur.fetchone()
+        return int(row[0]) if row else 0
+
+    async def dead_letter_reasons(self) -> dict[str, int]:
+        """Dead letters grouped by the first line of their error, most frequent first."""
+        async with (
+            self._read() as conn,
+            conn.execute(
+                "SELECT error, COUNT(*) FROM dead_letter GROUP BY error ORDER BY 2 DESC"
+            ) as cur,
+        ):
+            return {str(error): int(count) for error, count in await cur.fetchall()}
+
+    async def replay_dead_letter(
+        self, dl: DeadLetter, ops: Sequence[NewOp], *, stream: str, now: float
+    ) -> None:
+        """Replace a dead letter by fresh outbox ops, in one transaction."""
+        async with self._tx() as conn:
+            await conn.executemany(
+                "INSERT INTO outbox (stream, target, entity, kind, source_key, content_hash,"
+                " payload, next_at, created_at, updated_at) VALUES (?,?,?,?,?,?,?,?,?,?)",
+                [
+                    (
+                        stream,
+                        op.target,
+                        op.entity,
+                        op.kind,
+                        op.source_key,
+                        op.content_hash,
+                        op.payload,
+                        now,
+                        now,
+                        now,
+                    )
+                    for op in ops
+                ],
+            )
+            await conn.execute("DELETE FROM dead_letter WHERE id = ?", (dl.id,))
+
+    async def drop_dead_letter(self, dl_id: int) -> bool:
+        async with self._tx() as conn:
+            cur = await conn.execute("DELETE FROM dead_letter WHERE id = ?", (dl_id,))
+            return cur.rowcount > 0
+
+    # -- OAuth tokens ----------------------------------------------------------------------------
+
+    async def load_token(self, location: str) -> TokenRow | None:
+        async with (
+            self._read() as conn,
+            conn.execute(
+                "SELECT location, access_token, refresh_token, expires_at, scope, updated_at"
+                " FROM oauth_tokens WHERE location = ?",
+                (location,),
+            ) as cur,
+        ):
+            row = await cur.fetchone()
+        if row is None:
+            return None
+        return TokenRow(
+            location=row[0],
+            access_token=row[1],
+            refresh_token=row[2],
+            expires_at=row[3],
+            scope=row[4],
+            updated_at=row[5],
+        )
+
+    async def save_token(self, token: TokenRow) -> None:
+        """Store a token pair; committed before the caller may use the new access token."""
+        async with self._tx() as conn:
+            await conn.execute(
+                "INSERT INTO oauth_tokens (location, access_token, refresh_token, expires_at,"
+                " scope, updated_at) VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (location) DO UPDATE"
+                " SET access_token = excluded.access_token,"
+                " refresh_token = excluded.refresh_token, expires_at = excluded.expires_at,"
+                " scope = excluded.scope, updated_at = excluded.updated_at",
+                (
+                    token.location,
+                    token.access_token,
+                    token.refresh_token,
+                    token.expires_at,
+                    token.scope,
+                    token.updated_at,
+                ),
+            )
+
+    # -- budgets (written by the daemon, read by `bridge status`) ---------------------------------
+
+    async def save_budgets(self, rows: Sequence[BudgetRow]) -> None:
+        async with self._tx() as conn:
+            await conn.executemany(
+                "INSERT INTO budgets (api, tenant, capacity, window, available, used_today,"
+                " daily_cap, paused_until, updated_at) VALUES (?,?,?,?,?,?,?,?,?)"
+                " ON CONFLICT (api, tenant) DO UPDATE SET capacity = excluded.capacity,"
+                " window = excluded.window, available = excluded.available,"
+                " used_today = excluded.used_today, daily_cap = excluded.daily_cap,"
+                " paused_until = excluded.paused_until, updated_at = excluded.updated_at",
+                [
+                    (
+                        r.api,
+                        r.tenant,
+                        r.capacity,
+                        r.window,
+                        r.available,
+                        r.used_today,
+                        r.daily_cap,
+                        r.paused_until,
+                        r.updated_at,
+                    )
+                    for r in rows
+                ],
+            )
+
+    async def budgets(self) -> list[BudgetRow]:
+        async with (
+            self._read() as conn,
+            conn.execute(
+                "SELECT api, tenant, capacity, window, available, used_today, daily_cap,"
+                " paused_until, updated_at FROM budgets ORDER BY api, tenant"
+            ) as cur,
+        ):
+            rows = await cur.fetchall()
+        return [
+            BudgetRow(
+                api=r[0],
+                tenant=r[1],
+                capacity=r[2],
+                window=r[3],
+                available=r[4],
+                used_today=r[5],
+                daily_cap=r[6],
+                paused_until=r[7],
+                updated_at=r[8],
+            )
+            for r in rows
+        ]

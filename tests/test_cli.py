@@ -1,0 +1,190 @@
+"""The ``bridge`` command line: exit codes, usage, status and dead-letter handling."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import msgspec
+import pytest
+
+from bridge.cli import main
+from bridge.errors import EX_CONFIG, EX_USAGE
+from bridge.models import NewOp, Rejection, SourceEvent
+from bridge.store import Store
+
+TOKEN = "pit-0b5c2f8e-1111-4a4a-9c9c-cli-test-token"
+
+
+def write_config(tmp_path: Path, extra: str = "") -> Path:
+    config = tmp_path / "bridge.toml"
+    config.write_text(
+        f"""
+[state]
+path = "state.db"
+
+[logging]
+format = "json"
+
+[[ghl.locations]]
+name = "main"
+location_id = "loc1"
+auth = {{ kind = "private_token", token = "{TOKEN}" }}
+{extra}
+"""
+    )
+    return config
+
+
+def seed_dead_letters(db: Path) -> None:
+    """Two dead letters: an op the target rejected and an event that did not map."""
+
+    async def seed() -> None:
+        async with Store.open(db) as store:
+            event = SourceEvent(
+                stream="an-main.people",
+                key="an:p1",
+                kind="person",
+                data=b'{"x":1}',
+                content_hash="h1",
+            )
+            op = NewOp(
+                target="ghl:main",
+                entity="an:p2",
+                kind="upsert_contact",
+                source_key="an:p2",
+                payload=b'{"email":"bad"}',
+            )
+            await store.commit_page(
+                "an-main.people", "c1", [op], [Rejection(event=event, reason="no email")], now=10.0
+            )
+            (due,) = await store.due_ops(now=11.0, limit=5)
+            await store.dead_letter_op(due, "HTTP 422: email must be an email", now=12.0)
+
+    asyncio.run(seed())
+
+
+def test_bad_config_exits_78_with_key_path(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A bad value stops the CLI with exit 78 and names the key path."""
+    config = write_config(tmp_path, '[pipeline]\ndrain_grace = "soon"\n')
+    assert main(["--config", str(config), "check"]) == EX_CONFIG
+    err = capsys.readouterr().err
+    assert '$.pipeline.drain_grace: expected a duration like "30s", got "soon"' in err
+
+
+def test_missing_config_exits_78(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A config file that does not exist is a config error, not a crash."""
+    assert main(["--config", str(tmp_path / "nope.toml"), "check"]) == EX_CONFIG
+    assert "cannot read config file" in capsys.readouterr().err
+
+
+def test_bad_argument_prints_usage_and_exits_2() -> None:
+    """An unknown subcommand or a malformed argument prints usage and exits 2."""
+    for argv in (["bogus"], ["dlq", "show", "abc"], []):
+        run = subprocess.run(
+            [sys.executable, "-m", "bridge", *argv], capture_output=True, text=True, check=False
+        )
+        assert run.returncode == EX_USAGE, argv
+        assert run.stderr.startswith("usage: bridge"), argv
+
+
+def test_config_from_environment_variable(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """BRIDGE_CONFIG names the config when --config is not given."""
+    monkeypatch.setenv("BRIDGE_CONFIG", str(write_config(tmp_path)))
+    assert main(["check"]) == 0
+    assert "config OK: 1 GHL location(s)" in capsys.readouterr().out
+
+
+def test_once_with_nothing_to_do_exits_0(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`once` with no sources drains an empty outbox and exits 0 with a summary."""
+    assert main(["--config", str(write_config(tmp_path)), "once"]) == 0
+    out = capsys.readouterr().out
+    assert "summary: events_read=0" in out
+    assert TOKEN not in out
+    assert (tmp_path / "state.db").stat().st_mode & 0o777 == 0o600
+
+
+def test_status_reports_outbox_dead_letters_and_budgets(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`status --json` shows cursors, outbox depth by state, dead letters and budgets."""
+    config = write_config(tmp_path)
+    assert main(["--config", str(config), "status"]) == 0
+    assert "no state yet" in capsys.readouterr().out
+    assert main(["--config", str(config), "once"]) == 0
+    seed_dead_letters(tmp_path / "state.db")
+    capsys.readouterr()
+    assert main(["--config", str(config), "status", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["streams"] == [
+        {
+            "stream": "an-main.people",
+            "cursor": "c1",
+            "cursor_age_seconds": report["streams"][0]["cursor_age_seconds"],
+        }
+    ]
+    assert report["outbox"] == {"pending": 0, "in_doubt": 0, "in_flight": 0, "done": 0}
+    assert report["dead_letters"]["total"] == 2
+    assert report["budgets"][0]["api"] == "ghl"
+    assert report["budgets"][0]["capacity"] == 100
+    assert main(["--config", str(config), "status"]) == 0
+    text = capsys.readouterr().out
+    assert "dead letters: 2" in text
+    assert "ghl/main" in text
+
+
+def test_dlq_list_show_drop_and_replay(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Dead letters can be listed, shown with payload, replayed into the outbox and dropped."""
+    config = write_config(tmp_path)
+    assert main(["--config", str(config), "once"]) == 0
+    seed_dead_letters(tmp_path / "state.db")
+    capsys.readouterr()
+
+    assert main(["--config", str(config), "dlq", "list"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert len(lines) == 2
+    ids = {line.split()[4]: int(line.split()[0]) for line in lines}  # kind -> id
+
+    assert main(["--config", str(config), "dlq", "show", str(ids["upsert_contact"])]) == 0
+    shown = json.loads(capsys.readouterr().out)
+    assert shown["payload"] == {"email": "bad"}
+    assert shown["error"] == "HTTP 422: email must be an email"
+
+    assert main(["--config", str(config), "dlq", "replay", str(ids["upsert_contact"])]) == 0
+    assert "replayed 1 dead letter(s) as 1 op(s)" in capsys.readouterr().out
+    assert main(["--config", str(config), "dlq", "drop", str(ids["event"])]) == 0
+    assert main(["--config", str(config), "dlq", "drop", str(ids["event"])]) == 1
+
+    async def outbox() -> dict[str, int]:
+        async with Store.open(tmp_path / "state.db") as store:
+            assert await store.dead_letter_count() == 0
+            return await store.outbox_counts()
+
+    assert asyncio.run(outbox())["pending"] == 1
+
+
+def test_event_dead_letter_payload_is_readable_json(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """An unmappable event is stored as JSON an operator can read, with the record inline."""
+    config = write_config(tmp_path)
+    assert main(["--config", str(config), "once"]) == 0
+    seed_dead_letters(tmp_path / "state.db")
+    capsys.readouterr()
+    assert main(["--config", str(config), "dlq", "list"]) == 0
+    event_id = next(
+        int(line.split()[0]) for line in capsys.readouterr().out.splitlines() if " event " in line
+    )
+    assert main(["--config", str(config), "dlq", "show", str(event_id)]) == 0
+    shown = msgspec.json.decode(capsys.readouterr().out)
+    assert shown["payload"]["data"] == {"x": 1}
+    assert shown["error"] == "no email"
