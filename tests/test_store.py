@@ -1,0 +1,162 @@
+"""The SQLite state file: creation, migrations, atomic writes and the dispatch query."""
+
+from __future__ import annotations
+
+import sqlite3
+from pathlib import Path
+
+import pytest
+
+from bridge.models import IdMapUpdate, NewOp, OpResult, Rejection, SourceEvent, TokenRow
+from bridge.store import MIGRATIONS, Store
+
+
+def op(entity: str, key: str, kind: str = "upsert", digest: str | None = None) -> NewOp:
+    return NewOp(
+        target="ghl:main",
+        entity=entity,
+        kind=kind,
+        source_key=key,
+        payload=b"{}",
+        content_hash=digest,
+    )
+
+
+async def test_file_is_private_wal_and_migrated(tmp_path: Path) -> None:
+    """A new state file is 0600, in WAL mode, at the latest schema version; reopening is a no-op."""
+    path = tmp_path / "sub" / "state.db"
+    async with Store.open(path) as store:
+        assert await store.schema_version() == len(MIGRATIONS)
+    assert path.stat().st_mode & 0o777 == 0o600
+    with sqlite3.connect(path) as conn:
+        assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    async with Store.open(path) as store:
+        assert await store.schema_version() == len(MIGRATIONS)
+
+
+async def test_existing_loose_file_is_tightened(tmp_path: Path) -> None:
+    """A state file created by hand with a loose mode is made owner-only on open."""
+    path = tmp_path / "state.db"
+    path.touch(mode=0o644)
+    path.chmod(0o644)
+    async with Store.open(path):
+        pass
+    assert path.stat().st_mode & 0o777 == 0o600
+
+
+async def test_page_commit_is_atomic(tmp_path: Path) -> None:
+    """If any part of a page fails to write, neither its ops nor its cursor move."""
+    async with Store.open(tmp_path / "state.db") as store:
+        await store.commit_page("s", "c1", [op("e", "k1")], now=1.0)
+        broken = NewOp(
+            target="ghl:main",
+            entity="e",
+            kind="upsert",
+            source_key="k2",
+            payload=None,  # type: ignore[arg-type]
+        )
+        with pytest.raises(sqlite3.IntegrityError):
+            await store.commit_page("s", "c2", [op("e", "k3"), broken], now=2.0)
+        assert await store.get_cursor("s") == "c1"
+        assert await store.open_ops() == 1
+
+
+async def test_due_ops_respect_entity_order(tmp_path: Path) -> None:
+    """Only the oldest open op of each entity is due; a retry scheduled later holds its entity."""
+    async with Store.open(tmp_path / "state.db") as store:
+        await store.commit_page("s", None, [op("a", "a1"), op("a", "a2"), op("b", "b1")], now=1.0)
+        due = await store.due_ops(now=1.0, limit=10)
+        assert [o.source_key for o in due] == ["a1", "b1"]
+        first = due[0]
+        await store.mark_in_flight(first.id, now=1.0)
+        await store.retry_later(first, next_at=50.0, error="503", in_doubt=False, now=1.0)
+        assert [o.source_key for o in await store.due_ops(now=2.0, limit=10)] == ["b1"]
+        assert await store.next_due_at() == 1.0
+        (retried,) = [o for o in await store.due_ops(now=60.0, limit=10) if o.entity == "a"]
+        assert retried.source_key == "a1"
+        assert retried.attempts == 1
+        assert [o.source_key for o in await store.due_ops(now=60.0, limit=10, exclude={"a"})] == [
+            "b1"
+        ]
+
+
+async def test_complete_records_ids_and_hash_together(tmp_path: Path) -> None:
+    """Completing an op merges the ids it learned and the content hash in one step."""
+    async with Store.open(tmp_path / "state.db") as store:
+        await store.commit_page("s", None, [op("p", "an:p1", digest="h1")], now=1.0)
+        (due,) = await store.due_ops(now=1.0, limit=1)
+        await store.complete(
+            due, OpResult(updates=(IdMapUpdate(source_key="an:p1", contact_id="C1"),)), now=2.0
+        )
+        await store.commit_page("s", None, [op("p", "an:p1", kind="conv")], now=3.0)
+        (conv,) = await store.due_ops(now=3.0, limit=1)
+        await store.complete(
+            conv,
+            OpResult(updates=(IdMapUpdate(source_key="an:p1", conversation_id="V1"),)),
+            now=4.0,
+        )
+        row = await store.id_map("an:p1")
+        assert row is not None
+        assert (row.contact_id, row.conversation_id, row.content_hash) == ("C1", "V1", "h1")
+        assert await store.known_hashes(["an:p1", "an:p2"]) == {"an:p1": {"h1"}}
+        assert (await store.outbox_counts())["done"] == 2
+        assert await store.prune_done(before=10.0) == 2
+
+
+async def test_pending_hash_counts_as_known(tmp_path: Path) -> None:
+    """A record whose ops are still queued is known, so a re-poll does not queue it twice."""
+    async with Store.open(tmp_path / "state.db") as store:
+        await store.commit_page("s", None, [op("p", "k", digest="h2")], now=1.0)
+        assert await store.known_hashes(["k"]) == {"k": {"h2"}}
+
+
+async def test_dead_letters_accumulate_per_record(tmp_path: Path) -> None:
+    """A record that keeps failing updates one dead-letter row: attempts add up, last seen moves."""
+    event = SourceEvent(stream="s", key="k", kind="person", data=b"{}", content_hash="h")
+    async with Store.open(tmp_path / "state.db") as store:
+        await store.commit_page("s", None, [], [Rejection(event=event, reason="bad 1")], now=1.0)
+        await store.commit_page("s", None, [], [Rejection(event=event, reason="bad 2")], now=5.0)
+        (dl,) = await store.dead_letters()
+        assert (dl.attempts, dl.first_seen, dl.last_seen, dl.error) == (2, 1.0, 5.0, "bad 2")
+        assert await store.dead_letter_count(since=4.0) == 1
+        assert await store.dead_letter_reasons() == {"bad 2": 1}
+
+
+async def test_in_flight_ops_become_in_doubt(tmp_path: Path) -> None:
+    """Ops found in flight at start are pending again and flagged in doubt."""
+    async with Store.open(tmp_path / "state.db") as store:
+        await store.commit_page("s", None, [op("a", "a1")], now=1.0)
+        (due,) = await store.due_ops(now=1.0, limit=1)
+        await store.mark_in_flight(due.id, now=1.0)
+        assert await store.recover_in_flight() == 1
+        (again,) = await store.due_ops(now=1.0, limit=1)
+        assert again.in_doubt
+        assert (await store.outbox_counts())["in_doubt"] == 1
+
+
+async def test_tokens_round_trip(tmp_path: Path) -> None:
+    """An OAuth token pair is stored and replaced whole."""
+    async with Store.open(tmp_path / "state.db") as store:
+        first = TokenRow(
+            location="main",
+            access_token="a1",
+            refresh_token="r1",
+            expires_at=10.0,
+            scope="x",
+            updated_at=1.0,
+        )
+        await store.save_token(first)
+        await store.save_token(
+            TokenRow(
+                location="main",
+                access_token="a2",
+                refresh_token="r2",
+                expires_at=20.0,
+                scope="x",
+                updated_at=2.0,
+            )
+        )
+        token = await store.load_token("main")
+        assert token is not None
+        assert (token.access_token, token.refresh_token) == ("a2", "r2")
+        assert await store.load_token("other") is None
