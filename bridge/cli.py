@@ -15,11 +15,18 @@ import msgspec
 
 from bridge import __version__
 from bridge.app import open_app, stream_names
-from bridge.config import Config, load_config
-from bridge.errors import EX_CONFIG, ConfigError, Fatal
+from bridge.clock import SystemClock
+from bridge.config import Config, OAuthAuth, load_config
+from bridge.connectors.ghl.auth import OAuthTokens
+from bridge.connectors.ghl.login import login
+from bridge.errors import EX_CONFIG, EX_USAGE, ConfigError, Fatal
 from bridge.models import DeadLetter
 from bridge.observability.logs import configure_logging
 from bridge.redact import redact
+from bridge.rest import make_session
+from bridge.sim.common import run_forever
+from bridge.sim.ghl import build_app as build_ghl_app
+from bridge.sim.ghl_state import GhlSim
 from bridge.store import Store
 
 DEFAULT_CONFIG = "/etc/bridge/config.toml"
@@ -56,7 +63,32 @@ def build_parser() -> argparse.ArgumentParser:
     which.add_argument("--all", action="store_true", help="replay every dead letter")
     dlq_drop = dlq_commands.add_parser("drop", help="delete one dead letter for good")
     dlq_drop.add_argument("id", type=_positive_int)
+
+    auth = commands.add_parser("auth", help="OAuth install of the GHL marketplace app")
+    auth_commands = auth.add_subparsers(dest="auth_command", metavar="ACTION", required=True)
+    auth_login = auth_commands.add_parser(
+        "login", help="print the install link, receive the code, store the tokens"
+    )
+    auth_login.add_argument("--location", required=True, help="GHL location name in the config")
+    auth_login.add_argument(
+        "--code", help="paste the ?code= from the redirect instead of listening on loopback"
+    )
+
+    sim = commands.add_parser("sim", help="run a local API simulator (no config needed)")
+    sim.add_argument("api", choices=["ghl"], help="which API to simulate")
+    sim.add_argument("--port", type=_port, default=0, help="port on 127.0.0.1 (0 = any free)")
+    sim.add_argument("--location-id", default="simLocation000000001", help="location to create")
     return parser
+
+
+def _port(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a port number, got {text!r}") from None
+    if not 0 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"expected a port number 0-65535, got {text!r}")
+    return value
 
 
 def _positive_int(text: str) -> int:
@@ -72,6 +104,8 @@ def _positive_int(text: str) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point; returns the process exit status."""
     args = build_parser().parse_args(argv)  # exits 2 with usage on a bad argument
+    if args.command == "sim":
+        return _run_sim(args)
     try:
         config = load_config(args.config)
     except ConfigError as exc:
@@ -98,6 +132,8 @@ async def _dispatch(args: argparse.Namespace, config: Config, out: TextIO) -> in
         return await _status(config, out, as_json=args.json)
     if command == "dlq":
         return await _dlq(args, config, out)
+    if command == "auth":
+        return await _auth_login(config, args.location, args.code, out)
     async with open_app(config) as app:
         started = time.time()
         summary = await app.run(once=command == "once")
@@ -125,6 +161,34 @@ def _check(config: Config, out: TextIO) -> int:
 def _summary_text(summary: Any) -> str:
     fields = msgspec.structs.asdict(summary)
     return "summary: " + ", ".join(f"{key}={value}" for key, value in fields.items())
+
+
+async def _auth_login(config: Config, name: str, code: str | None, out: TextIO) -> int:
+    by_name = {loc.name: loc for loc in config.ghl.locations}
+    location = by_name.get(name)
+    if location is None:
+        known = ", ".join(by_name) or "none"
+        print(f"bridge: no GHL location named {name!r} (known: {known})", file=sys.stderr)
+        return EX_USAGE
+    if not isinstance(location.auth, OAuthAuth):
+        print(f"bridge: location {name!r} uses a private token; it needs no login", file=sys.stderr)
+        return EX_USAGE
+    async with Store.open(config.state.path) as store, make_session() as session:
+        tokens = OAuthTokens(
+            location, location.auth, store=store, session=session, clock=SystemClock()
+        )
+        await login(location, tokens, out, code=code)
+    return 0
+
+
+def _run_sim(args: argparse.Namespace) -> int:
+    sim = GhlSim()
+    sim.add_location(args.location_id)
+    token = sim.add_private_token(args.location_id)
+    # The simulator's own throwaway token, printed so a local bridge can be pointed at it.
+    print(f"GHL simulator: location {args.location_id}, private token {token}", flush=True)
+    run_forever(build_ghl_app(sim), args.port)
+    return 0
 
 
 # -- status -------------------------------------------------------------------------------------
