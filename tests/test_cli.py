@@ -6,17 +6,28 @@ import asyncio
 import json
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import msgspec
 import pytest
+import structlog
 
 from bridge.cli import main
 from bridge.errors import EX_CONFIG, EX_USAGE
 from bridge.models import NewOp, Rejection, SourceEvent
+from bridge.redact import clear_secrets
 from bridge.store import Store
 
 TOKEN = "pit-0b5c2f8e-1111-4a4a-9c9c-cli-test-token"
+
+
+@pytest.fixture(autouse=True)
+def _restore_logging() -> Iterator[None]:
+    """`main()` configures structlog onto captured stdout; later tests must not write there."""
+    yield
+    structlog.reset_defaults()
+    clear_secrets()
 
 
 def write_config(tmp_path: Path, extra: str = "") -> Path:
