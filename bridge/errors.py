@@ -36,10 +36,16 @@ class ConfigError(BridgeError):
 
 
 class Retryable(BridgeError):
-    """A transient failure: try again later, no sooner than ``retry_after`` seconds."""
+    """A transient failure: try again later, no sooner than ``retry_after`` seconds.
 
-    def __init__(self, message: str, retry_after: float | None = None) -> None:
+    ``status`` is the HTTP status when there was one (None for network errors).
+    """
+
+    def __init__(
+        self, message: str, retry_after: float | None = None, *, status: int | None = None
+    ) -> None:
         self.retry_after = retry_after
+        self.status = status
         super().__init__(message)
 
 
@@ -57,6 +63,10 @@ class AlreadyExists(Rejected):
 
 class InDoubt(BridgeError):
     """A write may or may not have happened (timeout after sending): reconcile first."""
+
+    def __init__(self, message: str, *, status: int | None = None) -> None:
+        self.status = status
+        super().__init__(message)
 
 
 class Fatal(BridgeError):

@@ -102,11 +102,11 @@ def classify(
         if write and status not in _NOT_APPLIED:
             # A gateway error or crash after a write reached the server says nothing about
             # whether it was applied; resending a create blindly could duplicate it.
-            return InDoubt(f"{prefix} after a write was sent; outcome unknown")
+            return InDoubt(f"{prefix} after a write was sent; outcome unknown", status=status)
         retry_after = parse_retry_after(_header(headers, "retry-after"), now=now)
         if status == 429 and retry_after is None:
             retry_after = DEFAULT_429_PAUSE
-        return Retryable(_join(prefix, _safe(texts)), retry_after)
+        return Retryable(_join(prefix, _safe(texts)), retry_after, status=status)
     # 401/403 bodies may echo the credential (Action Network does), so their messages are
     # built from known phrases only.
     if status == 401:
@@ -118,6 +118,7 @@ def classify(
             return Retryable(
                 f"{prefix}: no conversation provider found for this message yet",
                 _PROVIDER_RACE_DELAY,
+                status=status,
             )
         if "does not have access to this location" in lowered:
             return AuthError(f"{prefix}: the token does not have access to this location")

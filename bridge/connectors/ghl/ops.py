@@ -8,55 +8,23 @@ person run in order.
 
 from __future__ import annotations
 
-from typing import Literal
-
 import msgspec
 
+from bridge.connectors.ghl.models import ContactUpsert, InboundType
 from bridge.models import NewOp
-
-
-class CustomFieldValue(msgspec.Struct, frozen=True, omit_defaults=True):
-    """A contact custom field on write: by id, or by key (``contact.my_field``)."""
-
-    id: str | None = None
-    key: str | None = None
-    field_value: str | int | float | list[str] | None = None
-
-
-class ContactFields(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
-    """Mapped contact fields; None fields are not sent, so GHL keeps what it has."""
-
-    firstName: str | None = None
-    lastName: str | None = None
-    name: str | None = None
-    email: str | None = None
-    phone: str | None = None
-    address1: str | None = None
-    city: str | None = None
-    state: str | None = None
-    postalCode: str | None = None
-    country: str | None = None
-    website: str | None = None
-    timezone: str | None = None
-    companyName: str | None = None
-    source: str | None = None
-    customFields: list[CustomFieldValue] | None = None
 
 
 class UpsertContact(
     msgspec.Struct, frozen=True, kw_only=True, tag_field="op", tag="ghl.upsert_contact"
 ):
     person: str
-    fields: ContactFields
+    fields: ContactUpsert
 
 
 class EnsureConversation(
     msgspec.Struct, frozen=True, kw_only=True, tag_field="op", tag="ghl.ensure_conversation"
 ):
     person: str
-
-
-InboundType = Literal["SMS", "Email", "Custom", "Call", "WhatsApp", "FB", "IG", "GMB", "Live_Chat"]
 
 
 class InboundMessage(
@@ -116,7 +84,11 @@ GhlOp = (
 )
 
 _encoder = msgspec.json.Encoder()
-decode_op = msgspec.json.Decoder(GhlOp).decode
+_decoder: msgspec.json.Decoder[GhlOp] = msgspec.json.Decoder(GhlOp)
+
+
+def decode_op(payload: bytes) -> GhlOp:
+    return _decoder.decode(payload)
 
 
 def new_op(target: str, op: GhlOp, *, source_key: str | None = None) -> NewOp:
