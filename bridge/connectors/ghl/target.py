@@ -1,0 +1,236 @@
+"""The pipeline's target for one GHL location: performs ops and reconciles in-doubt ones.
+
+Ids come from the id map at send time (the person's contact and conversation), so ops
+queued before their contact existed still work: ops of one person run in order.
+
+Reconciliation, for an op whose outcome is unknown (crash or timeout after sending):
+contacts are upserted again (idempotent by email/phone); a conversation is searched by
+contactId; an inbound message is looked up by its ``altId`` among the conversation's
+recent messages; a note or task by the marker the bridge writes into its body. Tag
+changes and conversation updates are idempotent and simply sent again.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+
+import msgspec
+import structlog
+
+from bridge.clock import Clock
+from bridge.connectors.ghl import models
+from bridge.connectors.ghl.client import GhlClient
+from bridge.connectors.ghl.ops import (
+    AddNote,
+    AddTask,
+    ChangeTags,
+    EnsureConversation,
+    GhlOp,
+    InboundMessage,
+    UpdateConversation,
+    UpsertContact,
+    decode_op,
+)
+from bridge.errors import InDoubt, Rejected, Retryable
+from bridge.models import IdMapUpdate, Op, OpResult
+from bridge.store import Store
+
+log = structlog.get_logger("bridge.ghl.target")
+
+REJECT_5XX_AFTER = 3
+"""GHL answers some bad input with a 500 (unknown conversation on upload, wrong provider
+id, API_FACTS §6): after this many server errors on one op while other calls succeed,
+the op is dead-lettered instead of retried until max_attempts."""
+
+HEALTHY_WINDOW = 60.0
+"""A 5xx counts against the op only if the location answered a call well this recently;
+during an outage every op would fail alike, and none of them is bad input."""
+
+
+def marker(source_key: str) -> str:
+    """The line the bridge puts in notes and tasks so it can find them again."""
+    return f"[bridge:{source_key}]"
+
+
+class GhlTarget:
+    """Performs GHL ops for one location."""
+
+    def __init__(self, client: GhlClient, store: Store, *, clock: Clock) -> None:
+        self._client = client
+        self._store = store
+        self._clock = clock
+        self._last_success: float | None = None
+
+    async def send(self, op: Op) -> OpResult:
+        payload = _decode(op)
+        try:
+            result = await self._perform(op, payload)
+        except (Retryable, InDoubt) as exc:
+            raise self._maybe_bad_input(op, exc) from None
+        self._last_success = self._clock.monotonic()
+        return result
+
+    async def reconcile(self, op: Op) -> OpResult | None:
+        payload = _decode(op)
+        match payload:
+            case EnsureConversation(person=person):
+                found = await self._client.find_conversation(await self._contact_id(person))
+                if found is None:
+                    return None
+                return _ids(person, conversation_id=found.id)
+            case InboundMessage(person=person):
+                known = await self._store.id_map(person)
+                if known is None or known.conversation_id is None:
+                    return None  # no conversation yet, so the message cannot be there
+                message = await self._client.find_message_by_alt_id(
+                    known.conversation_id, op.source_key
+                )
+                if message is None:
+                    return None
+                return _ids(op.source_key, message_id=message.id)
+            case AddNote(person=person):
+                contact_id = await self._contact_id(person)
+                notes = await self._client.list_notes(contact_id)
+                tag = marker(op.source_key)
+                return OpResult() if any(tag in (n.body or "") for n in notes) else None
+            case AddTask(person=person):
+                contact_id = await self._contact_id(person)
+                tasks = await self._client.list_tasks(contact_id)
+                tag = marker(op.source_key)
+                return OpResult() if any(tag in (t.body or "") for t in tasks) else None
+            case _:
+                # Upserts, tag changes and conversation updates are idempotent.
+                return None
+
+    async def _perform(self, op: Op, payload: GhlOp) -> OpResult:
+        client = self._client
+        match payload:
+            case UpsertContact(person=person, fields=fields):
+                upserted = await client.upsert_contact(fields)
+                return _ids(person, contact_id=upserted.contact.id)
+            case EnsureConversation(person=person):
+                known = await self._store.id_map(person)
+                if known is not None and known.conversation_id is not None:
+                    return OpResult()
+                ensured = await client.create_conversation(await self._contact_id(person))
+                return _ids(person, conversation_id=ensured.id)
+            case InboundMessage():
+                return await self._inbound(op, payload)
+            case ChangeTags(person=person, add=add, remove=remove):
+                contact_id = await self._contact_id(person)
+                if add:
+                    await client.add_tags(contact_id, add)
+                if remove:
+                    await client.remove_tags(contact_id, remove)
+                return OpResult()
+            case AddNote(person=person, body=body):
+                contact_id = await self._contact_id(person)
+                text = f"{body}\n\n{marker(op.source_key)}"
+                await client.add_note(contact_id, models.NewNote(body=text))
+                return OpResult()
+            case AddTask(person=person, title=title, body=body, due=due):
+                contact_id = await self._contact_id(person)
+                task = models.NewTask(
+                    title=title,
+                    body=f"{body}\n\n{marker(op.source_key)}".strip(),
+                    due_date=_iso(due),
+                    completed=False,
+                )
+                await client.add_task(contact_id, task)
+                return OpResult()
+            case UpdateConversation(person=person, unread_count=unread, starred=starred):
+                conversation_id = await self._conversation_id(person)
+                await client.update_conversation(
+                    conversation_id, unread_count=unread, starred=starred
+                )
+                return OpResult()
+        raise Rejected(f"op kind {op.kind!r} is not a GHL op")  # pragma: no cover
+
+    async def _inbound(self, op: Op, message: InboundMessage) -> OpResult:
+        done = await self._store.id_map(op.source_key)
+        if done is not None and done.message_id is not None:
+            return OpResult()  # delivered before (a replay or a re-queued record)
+        contact_id = await self._contact_id(message.person)
+        conversation_id = await self._conversation_id(message.person)
+        processed = await self._client.add_inbound_message(
+            models.InboundMessage(
+                type=message.type,
+                contact_id=contact_id,
+                conversation_id=conversation_id,
+                alt_id=op.source_key,
+                message=message.message,
+                subject=message.subject,
+                html=message.html,
+                attachments=tuple(message.attachments) or None,
+                date=_iso(message.date) if message.date else None,
+                conversation_provider_id=message.conversation_provider_id,
+            )
+        )
+        return _ids(op.source_key, message_id=processed.message_id)
+
+    async def _contact_id(self, person: str) -> str:
+        known = await self._store.id_map(person)
+        if known is None or known.contact_id is None:
+            raise Rejected(
+                f"no GHL contact for {person}: its upsert has not succeeded (see its dead letter)"
+            )
+        return known.contact_id
+
+    async def _conversation_id(self, person: str) -> str:
+        known = await self._store.id_map(person)
+        if known is not None and known.conversation_id is not None:
+            return known.conversation_id
+        # Flows queue an EnsureConversation first; this covers a replayed message whose
+        # conversation op is gone. Create is safe: "already exists" is looked up.
+        ensured = await self._client.create_conversation(await self._contact_id(person))
+        return ensured.id
+
+    def _maybe_bad_input(self, op: Op, exc: Retryable | InDoubt) -> Exception:
+        healthy = (
+            self._last_success is not None
+            and self._clock.monotonic() - self._last_success < HEALTHY_WINDOW
+        )
+        if (
+            exc.status is not None
+            and exc.status >= 500
+            and op.attempts + 1 >= REJECT_5XX_AFTER
+            and healthy
+        ):
+            return Rejected(
+                f"{exc} ({op.attempts + 1} server errors on this record while other calls"
+                " succeed: treating it as bad input)"
+            )
+        return exc
+
+
+def _decode(op: Op) -> GhlOp:
+    try:
+        return decode_op(op.payload)
+    except msgspec.DecodeError as exc:
+        raise Rejected(f"unreadable GHL op payload: {exc}") from None
+
+
+def _ids(
+    key: str,
+    *,
+    contact_id: str | None = None,
+    conversation_id: str | None = None,
+    message_id: str | None = None,
+) -> OpResult:
+    return OpResult(
+        updates=(
+            IdMapUpdate(
+                source_key=key,
+                contact_id=contact_id,
+                conversation_id=conversation_id,
+                message_id=message_id,
+            ),
+        )
+    )
+
+
+def _iso(value: str) -> datetime:
+    try:
+        return datetime.fromisoformat(value.replace("Z", "+00:00"))
+    except ValueError:
+        raise Rejected(f"not an ISO 8601 date: {value!r}") from None

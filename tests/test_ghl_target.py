@@ -1,0 +1,241 @@
+"""The GHL target through the real pipeline and simulator: ids, ordering, reconciliation."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+from collections.abc import AsyncIterator, Sequence
+from pathlib import Path
+
+import msgspec
+import pytest
+
+from bridge.clock import SystemClock
+from bridge.config import Duration, PipelineConfig
+from bridge.connectors.ghl.client import GhlClient
+from bridge.connectors.ghl.models import ContactUpsert
+from bridge.connectors.ghl.ops import (
+    AddNote,
+    AddTask,
+    ChangeTags,
+    EnsureConversation,
+    GhlOp,
+    InboundMessage,
+    UpdateConversation,
+    UpsertContact,
+    new_op,
+)
+from bridge.connectors.ghl.target import GhlTarget, marker
+from bridge.models import NewOp, Page, SourceEvent, content_hash
+from bridge.pipeline import Pipeline
+from bridge.sim.common import FaultRule
+from bridge.store import Store
+from tests.conftest import GhlServer
+
+TARGET = "ghl:main"
+
+
+class ScriptedStream:
+    """One page per call of ``pages``: each event carries the ops it maps to."""
+
+    name = "test.people"
+    poll_interval = 0.05
+
+    def __init__(self, events: Sequence[tuple[str, Sequence[tuple[GhlOp, str | None]]]]) -> None:
+        self.events = list(events)
+
+    async def pages(self, cursor: str | None) -> AsyncIterator[Page]:
+        batch = [
+            SourceEvent(
+                stream=self.name,
+                key=key,
+                kind="person",
+                data=msgspec.json.encode(
+                    [[msgspec.json.encode(op).decode(), sk] for op, sk in ops]
+                ),
+                content_hash=content_hash(msgspec.json.encode([key, len(ops), repr(ops)])),
+            )
+            for key, ops in self.events
+        ]
+        yield Page(events=batch, cursor=str(len(batch)))
+
+    def transform(self, event: SourceEvent) -> list[NewOp]:
+        from bridge.connectors.ghl.ops import decode_op
+
+        rows = msgspec.json.decode(event.data, type=list[tuple[str, str | None]])
+        return [new_op(TARGET, decode_op(raw.encode()), source_key=sk) for raw, sk in rows]
+
+
+def person_ops(n: int, *, messages: int = 2) -> tuple[str, list[tuple[GhlOp, str | None]]]:
+    person = f"an:person:{n}"
+    ops: list[tuple[GhlOp, str | None]] = [
+        (
+            UpsertContact(
+                person=person, fields=ContactUpsert(first_name=f"P{n}", email=f"p{n}@example.org")
+            ),
+            None,
+        ),
+        (EnsureConversation(person=person), None),
+    ]
+    ops += [
+        (
+            InboundMessage(
+                person=person, message=f"Signed petition {i}", date="2026-03-01T10:00:00Z"
+            ),
+            f"an:sub:{n}:{i}",
+        )
+        for i in range(messages)
+    ]
+    return person, ops
+
+
+def fast_settings() -> PipelineConfig:
+    return PipelineConfig(
+        senders=4,
+        queue_size=8,
+        max_attempts=6,
+        retry_base=Duration(0.01),
+        retry_cap=Duration(0.05),
+        idle_poll=Duration(0.02),
+    )
+
+
+@pytest.fixture
+async def store(tmp_path: Path) -> AsyncIterator[Store]:
+    async with Store.open(tmp_path / "state.db") as opened:
+        yield opened
+
+
+async def run(store: Store, client: GhlClient, stream: ScriptedStream) -> Pipeline:
+    target = GhlTarget(client, store, clock=SystemClock())
+    pipeline = Pipeline(
+        store, [stream], {TARGET: target}, fast_settings(), SystemClock(), random.Random(3)
+    )
+    await asyncio.wait_for(pipeline.run(once=True), 60)
+    return pipeline
+
+
+async def test_people_become_contacts_conversations_and_inbound_messages(
+    store: Store, ghl_client: GhlClient, ghl_server: GhlServer
+) -> None:
+    """Each person is one contact with one conversation; each activity one inbound message."""
+    pipeline = await run(store, ghl_client, ScriptedStream([person_ops(n) for n in range(5)]))
+    assert pipeline.summary.ops_sent == 20
+    sim = ghl_server.sim
+    assert len(sim.contacts(ghl_server.location_id)) == 5
+    assert len(sim.conversations(ghl_server.location_id)) == 5
+    messages = sim.messages(location_id=ghl_server.location_id)
+    assert len(messages) == 10
+    assert {m["direction"] for m in messages} == {"inbound"}
+    assert sim.messages_by_alt_id() == {f"an:sub:{n}:{i}": 1 for n in range(5) for i in range(2)}
+    assert sim.sent_outbound == []  # never the send endpoint, which would text the person
+    row = await store.id_map("an:person:3")
+    assert row is not None
+    assert row.contact_id is not None
+    assert row.conversation_id is not None
+    sub = await store.id_map("an:sub:3:1")
+    assert sub is not None
+    assert sub.message_id is not None
+
+
+async def test_replayed_ops_do_not_duplicate(
+    store: Store, ghl_client: GhlClient, ghl_server: GhlServer
+) -> None:
+    """Ops queued again for delivered records (a replay) create nothing new in GHL."""
+    await run(store, ghl_client, ScriptedStream([person_ops(1)]))
+    person, ops = person_ops(1)
+    again = ScriptedStream([(person, [*ops, (AddNote(person=person, body="hello"), "an:note:1")])])
+    again.name = "test.again"  # a different stream, so the content hashes do not skip it
+    await run(store, ghl_client, again)
+    sim = ghl_server.sim
+    assert len(sim.contacts(ghl_server.location_id)) == 1
+    assert len(sim.conversations(ghl_server.location_id)) == 1
+    assert sim.messages_by_alt_id() == {"an:sub:1:0": 1, "an:sub:1:1": 1}
+
+
+@pytest.mark.parametrize(
+    "route",
+    [
+        "/conversations/messages/inbound",
+        "/conversations/",
+        "/contacts/*/notes",
+        "/contacts/*/tasks",
+    ],
+)
+async def test_lost_response_is_reconciled_not_duplicated(
+    store: Store, ghl_client: GhlClient, ghl_server: GhlServer, route: str
+) -> None:
+    """A write that lands but whose reply is lost is found again, not written twice."""
+    person, ops = person_ops(7, messages=1)
+    ops += [
+        (AddNote(person=person, body="Joined via petition"), "an:note:7"),
+        (AddTask(person=person, title="Call back", due="2026-04-01T09:00:00Z"), "an:task:7"),
+    ]
+    ghl_server.sim.faults.reset_next(route, 1, method="POST", after=True)
+    pipeline = await run(store, ghl_client, ScriptedStream([(person, ops)]))
+    assert pipeline.summary.ops_reconciled == 1
+    assert pipeline.summary.dead_lettered == 0
+    sim = ghl_server.sim
+    contact_id = sim.contacts(ghl_server.location_id)[0]["id"]
+    assert len(sim.conversations(ghl_server.location_id)) == 1
+    assert sim.messages_by_alt_id() == {"an:sub:7:0": 1}
+    assert len(await ghl_client.list_notes(contact_id)) == 1
+    tasks = await ghl_client.list_tasks(contact_id)
+    assert len(tasks) == 1
+    assert marker("an:task:7") in (tasks[0].body or "")
+
+
+async def test_tags_and_conversation_status(
+    store: Store, ghl_client: GhlClient, ghl_server: GhlServer
+) -> None:
+    """Tag changes add and remove without replacing, and conversation status is updated."""
+    person, ops = person_ops(2, messages=0)
+    ops += [
+        (ChangeTags(person=person, add=["volunteer", "donor"]), None),
+        (ChangeTags(person=person, remove=["donor"]), None),
+        (UpdateConversation(person=person, unread_count=1, starred=True), None),
+    ]
+    await run(store, ghl_client, ScriptedStream([(person, ops)]))
+    contact = ghl_server.sim.contacts(ghl_server.location_id)[0]
+    assert contact["tags"] == ["volunteer"]
+    (conversation,) = ghl_server.sim.conversations(ghl_server.location_id)
+    assert conversation["starred"] is True
+    assert conversation["unreadCount"] == 1
+
+
+async def test_record_ghl_answers_with_500_is_dead_lettered_while_others_flow(
+    store: Store, ghl_client: GhlClient, ghl_server: GhlServer
+) -> None:
+    """A record that keeps getting 500 while other calls succeed is dead-lettered early."""
+    person, ops = person_ops(3, messages=0)
+    ops.append((AddNote(person=person, body="x"), "an:note:3"))
+    others = [person_ops(n, messages=1) for n in range(10, 14)]
+    ghl_server.sim.faults.add(FaultRule(route="/contacts/*/notes", method="POST", status=500))
+    pipeline = await run(store, ghl_client, ScriptedStream([(person, ops), *others]))
+    (dl,) = await store.dead_letters()
+    assert dl.kind == "ghl.add_note"
+    assert "treating it as bad input" in dl.error
+    assert dl.attempts < fast_settings().max_attempts
+    assert pipeline.summary.ops_sent == 2 + 4 * 3
+
+
+async def test_outage_is_retried_not_blamed_on_records(
+    store: Store, ghl_client: GhlClient, ghl_server: GhlServer
+) -> None:
+    """When every call fails with 5xx, ops are retried until max_attempts, not rejected early."""
+    ghl_server.sim.faults.add(FaultRule(route="*", status=502))
+    await run(store, ghl_client, ScriptedStream([person_ops(4, messages=0)]))
+    letters = {dl.kind: dl.error for dl in await store.dead_letters()}
+    assert letters["ghl.upsert_contact"].startswith("gave up after 6 attempts")
+    # Its conversation op cannot run without the contact and says so.
+    assert letters["ghl.ensure_conversation"].startswith("no GHL contact for an:person:4")
+
+
+async def test_message_for_a_person_without_contact_is_rejected(
+    store: Store, ghl_client: GhlClient
+) -> None:
+    """A message whose person never became a contact is dead-lettered with the reason."""
+    orphan = ("an:person:9", [(InboundMessage(person="an:person:9", message="hi"), "an:sub:9")])
+    await run(store, ghl_client, ScriptedStream([orphan]))
+    (dl,) = await store.dead_letters()
+    assert dl.error.startswith("no GHL contact for an:person:9")
