@@ -7,14 +7,22 @@ import contextlib
 import math
 from collections.abc import AsyncIterator, Mapping, Sequence
 
+import aiohttp
+import msgspec
 import structlog
 
 from bridge.clock import Clock, SystemClock
-from bridge.config import Config
+from bridge.config import Config, GhlLocation
+from bridge.connectors.ghl.auth import TokenSource, token_source
+from bridge.connectors.ghl.client import GhlClient
+from bridge.connectors.ghl.probe import ScopeCheck, check_location
+from bridge.connectors.ghl.target import GhlTarget
+from bridge.errors import AuthError
 from bridge.models import BudgetRow
 from bridge.pipeline import Pipeline, RunSummary, Stream, Target
 from bridge.ratelimit import Limiters
 from bridge.redact import register_secret
+from bridge.rest import make_session
 from bridge.shutdown import install_stop_signals
 from bridge.store import Store
 
@@ -56,6 +64,14 @@ def build_limiters(config: Config, clock: Clock) -> Limiters:
     return limiters
 
 
+class GhlLocationParts(msgspec.Struct, frozen=True, kw_only=True):
+    """What the daemon holds per GHL location."""
+
+    config: GhlLocation
+    auth: TokenSource
+    client: GhlClient
+
+
 class App:
     """Everything a run needs, built from the config and owned for the run's lifetime."""
 
@@ -67,16 +83,52 @@ class App:
         streams: Sequence[Stream],
         targets: Mapping[str, Target],
         clock: Clock,
+        *,
+        session: aiohttp.ClientSession,
+        locations: Sequence[GhlLocationParts] = (),
     ) -> None:
         self.config = config
         self.store = store
         self.limiters = limiters
         self.clock = clock
+        self.session = session
+        self.locations = list(locations)
         self.pipeline = Pipeline(store, streams, targets, config.pipeline, clock)
+
+    async def check_locations_of(
+        self, locations: Sequence[GhlLocationParts]
+    ) -> dict[str, list[ScopeCheck]]:
+        """Probe GHL locations' tokens and scopes (raises AuthError for a bad token)."""
+        results: dict[str, list[ScopeCheck]] = {}
+        for parts in locations:
+            loc = parts.config
+            with structlog.contextvars.bound_contextvars(location=loc.name):
+                results[loc.name] = await check_location(
+                    self.session,
+                    name=loc.name,
+                    base_url=loc.base_url,
+                    location_id=loc.location_id,
+                    auth=parts.auth,
+                    bucket=self.limiters.get("ghl", loc.name),
+                    clock=self.clock,
+                )
+        return results
+
+    async def verify_locations(self) -> None:
+        """Refuse to start while a location's token is bad or lacks a scope."""
+        for name, checks in (await self.check_locations_of(self.locations)).items():
+            missing = [c.scope for c in checks if not c.ok]
+            if missing:
+                raise AuthError(
+                    f"GHL location {name!r} lacks scope(s) {', '.join(missing)}: grant them to"
+                    " the app or private integration, then start again"
+                )
+            log.info("location_verified", location=name)
 
     async def run(self, *, once: bool) -> RunSummary:
         """Run the pipeline with signal handling and the periodic budget report."""
         await self.store.prune_done(before=self.clock.time() - DONE_RETENTION)
+        await self.verify_locations()
         reporter = asyncio.create_task(self._report_budgets(), name="budget-report")
         try:
             with install_stop_signals(self.pipeline):
@@ -123,14 +175,34 @@ async def open_app(config: Config, *, clock: Clock | None = None) -> AsyncIterat
     clock = clock or SystemClock()
     for secret in config.secret_values():
         register_secret(secret)
-    async with Store.open(config.state.path) as store:
+    async with Store.open(config.state.path) as store, make_session() as session:
         limiters = build_limiters(config, clock)
         streams: list[Stream] = []
         targets: dict[str, Target] = {}
+        locations = []
+        for loc in config.ghl.locations:
+            auth = token_source(loc, store=store, session=session, clock=clock)
+            client = GhlClient(
+                session,
+                base_url=loc.base_url,
+                location_id=loc.location_id,
+                bucket=limiters.get("ghl", loc.name),
+                auth=auth,
+                clock=clock,
+            )
+            locations.append(GhlLocationParts(config=loc, auth=auth, client=client))
+            targets[ghl_target_name(loc.name)] = GhlTarget(client, store, clock=clock)
         log.info(
             "app_ready",
             state=str(store.path),
             locations=len(config.ghl.locations),
             streams=len(streams),
         )
-        yield App(config, store, limiters, streams, targets, clock)
+        yield App(
+            config, store, limiters, streams, targets, clock, session=session, locations=locations
+        )
+
+
+def ghl_target_name(location: str) -> str:
+    """The outbox ``target`` of a GHL location's ops."""
+    return f"ghl:{location}"

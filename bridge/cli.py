@@ -19,7 +19,7 @@ from bridge.clock import SystemClock
 from bridge.config import Config, OAuthAuth, load_config
 from bridge.connectors.ghl.auth import OAuthTokens
 from bridge.connectors.ghl.login import login
-from bridge.errors import EX_CONFIG, EX_USAGE, ConfigError, Fatal
+from bridge.errors import EX_CONFIG, EX_USAGE, ConfigError, Fatal, Retryable
 from bridge.models import DeadLetter
 from bridge.observability.logs import configure_logging
 from bridge.redact import redact
@@ -47,7 +47,12 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     commands.add_parser("run", help="run the daemon until SIGTERM")
     commands.add_parser("once", help="poll every stream until caught up, deliver everything, exit")
-    commands.add_parser("check", help="validate the config and exit")
+    check = commands.add_parser(
+        "check", help="validate the config, then probe every GHL location's token and scopes"
+    )
+    check.add_argument(
+        "--offline", action="store_true", help="only validate the config; make no API calls"
+    )
     status = commands.add_parser("status", help="cursors, outbox, dead letters, budgets")
     status.add_argument("--json", action="store_true", help="machine-readable output")
 
@@ -127,7 +132,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 async def _dispatch(args: argparse.Namespace, config: Config, out: TextIO) -> int:
     command: str = args.command
     if command == "check":
-        return _check(config, out)
+        return await _check(config, out, offline=args.offline)
     if command == "status":
         return await _status(config, out, as_json=args.json)
     if command == "dlq":
@@ -148,14 +153,30 @@ async def _dispatch(args: argparse.Namespace, config: Config, out: TextIO) -> in
     return 0
 
 
-def _check(config: Config, out: TextIO) -> int:
+async def _check(config: Config, out: TextIO, *, offline: bool) -> int:
     streams = stream_names(config)
     out.write(
         f"config OK: {len(config.ghl.locations)} GHL location(s), "
         f"{len(config.sources.action_network) + len(config.sources.activedemand)} source(s), "
         f"{len(streams)} stream(s); state file {config.state.path}\n"
     )
-    return 0
+    if offline:
+        return 0
+    failed = False
+    async with open_app(config) as app:
+        for parts in app.locations:
+            name = parts.config.name
+            try:
+                checks = (await app.check_locations_of([parts]))[name]
+            except (Fatal, Retryable) as exc:
+                out.write(f"GHL {name}: FAILED: {redact(str(exc))}\n")
+                failed = True
+                continue
+            for check in checks:
+                verdict = "OK" if check.ok else f"MISSING: {check.fix}"
+                out.write(f"GHL {name}: {check.scope:<32} {verdict}\n")
+                failed = failed or not check.ok
+    return EXIT_FAILED if failed else 0
 
 
 def _summary_text(summary: Any) -> str:

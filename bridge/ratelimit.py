@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import math
 from collections import deque
+from collections.abc import AsyncIterator
 
 import msgspec
 
@@ -29,13 +31,16 @@ class BucketState(msgspec.Struct, frozen=True):
 
 
 class TokenBucket:
-    """At most ``capacity`` grants in any rolling ``window`` seconds, and ``daily_cap`` per UTC day.
+    """At most ``capacity`` requests in any rolling ``window``, and ``daily_cap`` per UTC day.
 
-    Each spent token comes back exactly one window after it was granted: the bucket keeps
-    the grant times (at most ``capacity`` of them) rather than refilling at an average
-    rate, so a full burst is allowed whenever the whole budget is unspent and no rolling
-    window can ever hold more than ``capacity`` grants. A grant at ``g`` counts against
-    every instant ``t`` with ``t < g + window``.
+    A token is held while its request is in flight (:meth:`lease`) and comes back exactly
+    one window after the request *finished*. The server counts a request when it arrives,
+    which is somewhere between our grant and the reply, so stamping the finish (not the
+    grant) keeps every rolling window at the server within ``capacity`` whatever the
+    network latency; the cost is about latency/window of the budget. The bucket keeps the
+    finish times (at most ``capacity``) rather than refilling at an average rate, so a full
+    burst is allowed whenever the whole budget is unspent. :meth:`acquire` is a lease that
+    finishes at once.
     """
 
     def __init__(
@@ -60,7 +65,9 @@ class TokenBucket:
         self._window = float(window)
         self._daily_cap = daily_cap
         self._clock = clock
-        self._grants: deque[float] = deque(maxlen=capacity)
+        self._grants: deque[float] = deque()
+        self._in_flight = 0
+        self._released = asyncio.Event()
         self._paused_until: float | None = None
         self._day = self._utc_day()
         self._used_today = 0
@@ -70,12 +77,31 @@ class TokenBucket:
         self._lock = asyncio.Lock()
 
     async def acquire(self) -> None:
-        """Wait for a token (first come, first served) and spend it."""
+        """Wait for a token (first come, first served) and spend it now."""
+        async with self.lease():
+            pass
+
+    @contextlib.asynccontextmanager
+    async def lease(self) -> AsyncIterator[None]:
+        """Hold a token for the body (one request); it returns one window after the body ends."""
         async with self._lock:
-            while (wait := self._wait(self._clock.monotonic())) > 0:
-                await self._clock.sleep(wait)
-            self._grants.append(self._clock.monotonic())
+            while True:
+                self._released.clear()
+                wait = self._wait(self._clock.monotonic())
+                if wait is None:
+                    await self._released.wait()  # every token is held by a request in flight
+                elif wait > 0:
+                    await self._clock.sleep(wait)
+                else:
+                    break
+            self._in_flight += 1
             self._used_today += 1
+        try:
+            yield
+        finally:
+            self._in_flight -= 1
+            self._grants.append(self._clock.monotonic())
+            self._released.set()
 
     def tighten(
         self, remaining: int, window: float | None = None, limit: int | None = None
@@ -89,7 +115,7 @@ class TokenBucket:
         if limit is not None and 0 < limit < self._capacity:
             self._capacity = limit
             # The newest grants are the ones that bind, so keeping them loses nothing.
-            self._grants = deque(self._grants, maxlen=limit)
+            self._grants = deque(self._grants)
         if window is not None and math.isfinite(window) and window > self._window:
             self._window = float(window)
         now = self._clock.monotonic()
@@ -131,8 +157,8 @@ class TokenBucket:
             daily_cap=self._daily_cap,
         )
 
-    def _wait(self, now: float) -> float:
-        """Seconds until a grant could be allowed (<= 0 means now); callers re-check after."""
+    def _wait(self, now: float) -> float | None:
+        """Seconds until a grant could be allowed (<= 0 means now; None: until a release)."""
         waits = [0.0]
         if self._paused_until is not None:
             waits.append(self._paused_until - now)
@@ -140,12 +166,16 @@ class TokenBucket:
         if self._daily_cap is not None and self._used_today >= self._daily_cap:
             waits.append((self._day + 1) * _DAY - self._clock.time())
         self._prune(now)
-        if len(self._grants) >= self._capacity:
-            waits.append(self._grants[-self._capacity] + self._window - now)
+        # Finish stamps that must expire before one more request fits.
+        excess = self._in_flight + len(self._grants) - self._capacity + 1
+        if excess > len(self._grants):
+            return None
+        if excess > 0:
+            waits.append(self._grants[excess - 1] + self._window - now)
         return max(waits)
 
     def _available(self) -> int:
-        return max(0, self._capacity - len(self._grants))
+        return max(0, self._capacity - self._in_flight - len(self._grants))
 
     def _prune(self, now: float) -> None:
         while self._grants and self._grants[0] + self._window <= now:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import email.utils
 import random
 import re
@@ -220,12 +221,16 @@ async def request(
     """
     # Method and path only: query strings can carry an api-key.
     where = f"{method.upper()} {urlsplit(url).path or '/'}"
-    if bucket is not None:
-        await bucket.acquire()
+    # The token is held until the reply is in: the server counted the request somewhere
+    # in between, so no rolling window at the server can hold more than the budget.
+    lease = bucket.lease() if bucket is not None else contextlib.nullcontext()
     try:
-        async with session.request(
-            method, url, headers=headers, params=params, json=json, data=data
-        ) as resp:
+        async with (
+            lease,
+            session.request(
+                method, url, headers=headers, params=params, json=json, data=data
+            ) as resp,
+        ):
             body = await resp.read()
             status = resp.status
             resp_headers = _lower_keys(resp.headers)

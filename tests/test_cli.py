@@ -19,7 +19,32 @@ from bridge.models import NewOp, Rejection, SourceEvent
 from bridge.redact import clear_secrets
 from bridge.store import Store
 
-TOKEN = "pit-0b5c2f8e-1111-4a4a-9c9c-cli-test-token"
+
+class SimProcess(msgspec.Struct):
+    url: str
+    location_id: str
+    token: str
+
+
+@pytest.fixture(scope="module")
+def ghl_sim() -> Iterator[SimProcess]:
+    """`bridge sim ghl` as a real process, since main() runs its own event loop."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "bridge", "sim", "ghl", "--port", "0"],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert proc.stdout is not None
+    banner = proc.stdout.readline().strip()  # GHL simulator: location X, private token T
+    url = proc.stdout.readline().strip()
+    location_id = banner.split("location ")[1].split(",")[0]
+    token = banner.split("private token ")[1]
+    try:
+        yield SimProcess(url=url, location_id=location_id, token=token)
+    finally:
+        proc.terminate()
+        proc.wait(10)
+        proc.stdout.close()
 
 
 @pytest.fixture(autouse=True)
@@ -30,7 +55,7 @@ def _restore_logging() -> Iterator[None]:
     clear_secrets()
 
 
-def write_config(tmp_path: Path, extra: str = "") -> Path:
+def write_config(tmp_path: Path, sim: SimProcess, extra: str = "") -> Path:
     config = tmp_path / "bridge.toml"
     config.write_text(
         f"""
@@ -42,8 +67,9 @@ format = "json"
 
 [[ghl.locations]]
 name = "main"
-location_id = "loc1"
-auth = {{ kind = "private_token", token = "{TOKEN}" }}
+location_id = "{sim.location_id}"
+base_url = "{sim.url}"
+auth = {{ kind = "private_token", token = "{sim.token}" }}
 {extra}
 """
     )
@@ -79,10 +105,10 @@ def seed_dead_letters(db: Path) -> None:
 
 
 def test_bad_config_exits_78_with_key_path(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    tmp_path: Path, ghl_sim: SimProcess, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """A bad value stops the CLI with exit 78 and names the key path."""
-    config = write_config(tmp_path, '[pipeline]\ndrain_grace = "soon"\n')
+    config = write_config(tmp_path, ghl_sim, '[pipeline]\ndrain_grace = "soon"\n')
     assert main(["--config", str(config), "check"]) == EX_CONFIG
     err = capsys.readouterr().err
     assert '$.pipeline.drain_grace: expected a duration like "30s", got "soon"' in err
@@ -105,30 +131,50 @@ def test_bad_argument_prints_usage_and_exits_2() -> None:
 
 
 def test_config_from_environment_variable(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+    tmp_path: Path,
+    ghl_sim: SimProcess,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
 ) -> None:
     """BRIDGE_CONFIG names the config when --config is not given."""
-    monkeypatch.setenv("BRIDGE_CONFIG", str(write_config(tmp_path)))
-    assert main(["check"]) == 0
+    monkeypatch.setenv("BRIDGE_CONFIG", str(write_config(tmp_path, ghl_sim)))
+    assert main(["check", "--offline"]) == 0
     assert "config OK: 1 GHL location(s)" in capsys.readouterr().out
 
 
+def test_check_probes_token_and_scopes(
+    tmp_path: Path, ghl_sim: SimProcess, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`check` probes each location live and reports every scope; a bad token fails clearly."""
+    assert main(["--config", str(write_config(tmp_path, ghl_sim)), "check"]) == 0
+    out = capsys.readouterr().out
+    assert "GHL main: conversations/message.write" in out
+    assert "MISSING" not in out
+    bad = msgspec.structs.replace(ghl_sim, token="pit-00000000-0000-4000-8000-000000000000")
+    assert main(["--config", str(write_config(tmp_path, bad)), "check"]) == 1
+    out = capsys.readouterr().out
+    assert (
+        "GHL main: FAILED: GHL location 'main': the private integration token was rejected" in out
+    )
+    assert bad.token not in out
+
+
 def test_once_with_nothing_to_do_exits_0(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    tmp_path: Path, ghl_sim: SimProcess, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """`once` with no sources drains an empty outbox and exits 0 with a summary."""
-    assert main(["--config", str(write_config(tmp_path)), "once"]) == 0
+    assert main(["--config", str(write_config(tmp_path, ghl_sim)), "once"]) == 0
     out = capsys.readouterr().out
     assert "summary: events_read=0" in out
-    assert TOKEN not in out
+    assert ghl_sim.token not in out
     assert (tmp_path / "state.db").stat().st_mode & 0o777 == 0o600
 
 
 def test_status_reports_outbox_dead_letters_and_budgets(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    tmp_path: Path, ghl_sim: SimProcess, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """`status --json` shows cursors, outbox depth by state, dead letters and budgets."""
-    config = write_config(tmp_path)
+    config = write_config(tmp_path, ghl_sim)
     assert main(["--config", str(config), "status"]) == 0
     assert "no state yet" in capsys.readouterr().out
     assert main(["--config", str(config), "once"]) == 0
@@ -153,9 +199,11 @@ def test_status_reports_outbox_dead_letters_and_budgets(
     assert "ghl/main" in text
 
 
-def test_dlq_list_show_drop_and_replay(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_dlq_list_show_drop_and_replay(
+    tmp_path: Path, ghl_sim: SimProcess, capsys: pytest.CaptureFixture[str]
+) -> None:
     """Dead letters can be listed, shown with payload, replayed into the outbox and dropped."""
-    config = write_config(tmp_path)
+    config = write_config(tmp_path, ghl_sim)
     assert main(["--config", str(config), "once"]) == 0
     seed_dead_letters(tmp_path / "state.db")
     capsys.readouterr()
@@ -184,10 +232,10 @@ def test_dlq_list_show_drop_and_replay(tmp_path: Path, capsys: pytest.CaptureFix
 
 
 def test_event_dead_letter_payload_is_readable_json(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    tmp_path: Path, ghl_sim: SimProcess, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """An unmappable event is stored as JSON an operator can read, with the record inline."""
-    config = write_config(tmp_path)
+    config = write_config(tmp_path, ghl_sim)
     assert main(["--config", str(config), "once"]) == 0
     seed_dead_letters(tmp_path / "state.db")
     capsys.readouterr()

@@ -156,10 +156,11 @@ async def open_stream(
     This is rest.request() (bucket, rate-limit headers, the one status table) for bodies
     too big to hold in memory.
     """
-    if bucket is not None:
-        await bucket.acquire()
+    # Held until the headers arrive: by then the server has counted the request.
+    lease = bucket.lease() if bucket is not None else contextlib.nullcontext()
     try:
-        response = await session.get(url, headers=headers, timeout=_STREAM_TIMEOUT)
+        async with lease:
+            response = await session.get(url, headers=headers, timeout=_STREAM_TIMEOUT)
     except (aiohttp.ClientError, OSError, TimeoutError) as exc:
         raise classify_exception(exc, write=False, where=where) from None
     lowered = {k.lower(): v for k, v in response.headers.items()}
