@@ -13,8 +13,8 @@ import structlog
 
 from bridge.clock import Clock, SystemClock
 from bridge.config import Config, GhlLocation
-from bridge.connectors.ghl.auth import TokenSource, token_source
-from bridge.connectors.ghl.client import GhlClient
+from bridge.connectors.ghl.auth import token_source
+from bridge.connectors.ghl.client import GhlClient, TokenSource
 from bridge.connectors.ghl.probe import ScopeCheck, check_location
 from bridge.connectors.ghl.target import GhlTarget
 from bridge.errors import AuthError

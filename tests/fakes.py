@@ -8,6 +8,7 @@ from collections.abc import AsyncIterator, Sequence
 
 import msgspec
 
+from bridge.config import Duration, PipelineConfig
 from bridge.errors import Fatal, InDoubt, Rejected, Retryable
 from bridge.models import IdMapUpdate, NewOp, Op, OpResult, Page, SourceEvent, content_hash
 
@@ -133,3 +134,21 @@ class FakeTarget:
                 updates=(IdMapUpdate(source_key=op.source_key, contact_id=f"c-{op.entity}"),)
             )
         return None
+
+
+def settings(**overrides: float) -> PipelineConfig:
+    """Fast retries and a short idle poll, so tests take milliseconds."""
+    fast = PipelineConfig(
+        senders=4,
+        queue_size=8,
+        max_attempts=5,
+        retry_base=Duration(0.01),
+        retry_cap=Duration(0.05),
+        idle_poll=Duration(0.02),
+        drain_grace=Duration(2.0),
+    )
+    durations = {
+        k: Duration(v) for k, v in overrides.items() if isinstance(getattr(fast, k), float)
+    }
+    counts = {k: int(v) for k, v in overrides.items() if k not in durations}
+    return msgspec.structs.replace(fast, **durations, **counts)

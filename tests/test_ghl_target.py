@@ -11,7 +11,6 @@ import msgspec
 import pytest
 
 from bridge.clock import SystemClock
-from bridge.config import Duration, PipelineConfig
 from bridge.connectors.ghl.client import GhlClient
 from bridge.connectors.ghl.models import ContactUpsert
 from bridge.connectors.ghl.ops import (
@@ -31,6 +30,7 @@ from bridge.pipeline import Pipeline
 from bridge.sim.common import FaultRule
 from bridge.store import Store
 from tests.conftest import GhlServer
+from tests.fakes import settings
 
 TARGET = "ghl:main"
 
@@ -89,17 +89,6 @@ def person_ops(n: int, *, messages: int = 2) -> tuple[str, list[tuple[GhlOp, str
     return person, ops
 
 
-def fast_settings() -> PipelineConfig:
-    return PipelineConfig(
-        senders=4,
-        queue_size=8,
-        max_attempts=6,
-        retry_base=Duration(0.01),
-        retry_cap=Duration(0.05),
-        idle_poll=Duration(0.02),
-    )
-
-
 @pytest.fixture
 async def store(tmp_path: Path) -> AsyncIterator[Store]:
     async with Store.open(tmp_path / "state.db") as opened:
@@ -109,7 +98,7 @@ async def store(tmp_path: Path) -> AsyncIterator[Store]:
 async def run(store: Store, client: GhlClient, stream: ScriptedStream) -> Pipeline:
     target = GhlTarget(client, store, clock=SystemClock())
     pipeline = Pipeline(
-        store, [stream], {TARGET: target}, fast_settings(), SystemClock(), random.Random(3)
+        store, [stream], {TARGET: target}, settings(max_attempts=6), SystemClock(), random.Random(3)
     )
     await asyncio.wait_for(pipeline.run(once=True), 60)
     return pipeline
@@ -215,7 +204,7 @@ async def test_record_ghl_answers_with_500_is_dead_lettered_while_others_flow(
     (dl,) = await store.dead_letters()
     assert dl.kind == "ghl.add_note"
     assert "treating it as bad input" in dl.error
-    assert dl.attempts < fast_settings().max_attempts
+    assert dl.attempts < settings(max_attempts=6).max_attempts
     assert pipeline.summary.ops_sent == 2 + 4 * 3
 
 

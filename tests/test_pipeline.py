@@ -13,31 +13,12 @@ import msgspec
 import pytest
 
 from bridge.clock import SystemClock
-from bridge.config import Duration, PipelineConfig
 from bridge.errors import Fatal
 from bridge.models import EVENT_KIND, Op
 from bridge.pipeline import Pipeline, partition_of
 from bridge.shutdown import install_stop_signals
 from bridge.store import Store
-from tests.fakes import FakeStream, FakeTarget, Record
-
-
-def settings(**overrides: float) -> PipelineConfig:
-    """Fast retries and a short idle poll, so tests take milliseconds."""
-    fast = PipelineConfig(
-        senders=4,
-        queue_size=8,
-        max_attempts=5,
-        retry_base=Duration(0.01),
-        retry_cap=Duration(0.05),
-        idle_poll=Duration(0.02),
-        drain_grace=Duration(2.0),
-    )
-    durations = {
-        k: Duration(v) for k, v in overrides.items() if isinstance(getattr(fast, k), float)
-    }
-    counts = {k: int(v) for k, v in overrides.items() if k not in durations}
-    return msgspec.structs.replace(fast, **durations, **counts)
+from tests.fakes import FakeStream, FakeTarget, Record, settings
 
 
 @pytest.fixture

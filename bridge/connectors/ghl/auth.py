@@ -10,7 +10,7 @@ refreshes single-flight (GHL's own SDKs do not serialise them).
 from __future__ import annotations
 
 import asyncio
-from typing import Literal, Protocol
+from typing import Literal
 from urllib.parse import urlencode
 
 import aiohttp
@@ -31,14 +31,6 @@ REFRESH_MARGIN = 300.0
 """Refresh this many seconds before expiry, so a token never expires mid-request."""
 
 LOCATION_TOKEN_VERSION = "2021-07-28"  # noqa: S105 - an API version, not a secret
-
-
-class TokenSource(Protocol):
-    """What the GHL client needs: a valid access token, and a fresh one after a 401."""
-
-    async def token(self) -> str: ...
-
-    async def refresh(self, rejected: str) -> str: ...
 
 
 class TokenResponse(msgspec.Struct, kw_only=True):

@@ -12,7 +12,7 @@ import aiohttp
 import msgspec
 
 from bridge.clock import Clock
-from bridge.connectors.ghl.auth import TokenSource
+from bridge.connectors.ghl.client import TokenSource
 from bridge.errors import AuthError, Rejected, TokenExpired
 from bridge.ratelimit import TokenBucket
 from bridge.rest import request
