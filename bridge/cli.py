@@ -24,6 +24,8 @@ from bridge.models import DeadLetter
 from bridge.observability.logs import configure_logging
 from bridge.redact import redact
 from bridge.rest import make_session
+from bridge.sim.actionnetwork import build_app as build_an_app
+from bridge.sim.an_data import build_sim as build_an_sim
 from bridge.sim.common import run_forever
 from bridge.sim.ghl import build_app as build_ghl_app
 from bridge.sim.ghl_state import GhlSim
@@ -80,9 +82,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
 
     sim = commands.add_parser("sim", help="run a local API simulator (no config needed)")
-    sim.add_argument("api", choices=["ghl"], help="which API to simulate")
+    sim.add_argument("api", choices=["ghl", "actionnetwork"], help="which API to simulate")
     sim.add_argument("--port", type=_port, default=0, help="port on 127.0.0.1 (0 = any free)")
-    sim.add_argument("--location-id", default="simLocation000000001", help="location to create")
+    sim.add_argument(
+        "--location-id", default="simLocation000000001", help="GHL: location to create"
+    )
+    sim.add_argument(
+        "--people", type=_positive_int, default=200, help="Action Network: people to seed"
+    )
     return parser
 
 
@@ -203,6 +210,12 @@ async def _auth_login(config: Config, name: str, code: str | None, out: TextIO) 
 
 
 def _run_sim(args: argparse.Namespace) -> int:
+    if args.api == "actionnetwork":
+        an_sim, keys = build_an_sim(people=args.people)
+        # The simulator's own throwaway key, printed so a local bridge can be pointed at it.
+        print(f"Action Network simulator: {args.people} people, API key {keys[0]}", flush=True)
+        run_forever(build_an_app(an_sim), args.port)
+        return 0
     sim = GhlSim()
     sim.add_location(args.location_id)
     token = sim.add_private_token(args.location_id)

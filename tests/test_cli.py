@@ -9,6 +9,7 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 
+import aiohttp
 import msgspec
 import pytest
 import structlog
@@ -247,3 +248,31 @@ def test_event_dead_letter_payload_is_readable_json(
     shown = msgspec.json.decode(capsys.readouterr().out)
     assert shown["payload"]["data"] == {"x": 1}
     assert shown["error"] == "no email"
+
+
+def test_sim_actionnetwork_serves_seeded_people() -> None:
+    """`bridge sim actionnetwork` prints its key and URL and serves the seeded group."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "bridge", "sim", "actionnetwork", "--port", "0", "--people", "30"],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert proc.stdout is not None
+    try:
+        banner = proc.stdout.readline().strip()
+        url = proc.stdout.readline().strip()
+        key = banner.split("API key ")[1]
+
+        async def first_page() -> int:
+            async with (
+                aiohttp.ClientSession() as session,
+                session.get(f"{url}/api/v2/people", headers={"OSDI-API-Token": key}) as resp,
+            ):
+                body = await resp.json(content_type=None)
+                return len(body["_embedded"]["osdi:people"])
+
+        assert asyncio.run(first_page()) == 25  # per_page is capped at 25
+    finally:
+        proc.terminate()
+        proc.wait(10)
+        proc.stdout.close()
