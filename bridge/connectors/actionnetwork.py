@@ -1,0 +1,569 @@
+"""Action Network source: a paced HAL client and the people stream with tags and activities.
+
+Activity strategy, measured in the simulator's journal (``tests/test_actionnetwork.py``,
+seeded group of 60 people with 3 activities each and A = 10 actions, two of each kind; N
+people each took one new action; requests of one whole poll):
+
+=============================  ====  ====  ====  ====
+changed people N                  1     5    20    50
+=============================  ====  ====  ====  ====
+per-person sub-collections       10    38   133   314
+per-action collections           19    23    38    69
+=============================  ====  ====  ====  ====
+
+Both read the people window (W = its pages plus the empty last one), ``/tags`` once and each
+changed person's taggings. Per person then costs 5 filtered sub-collections (one page each:
+they report ``total_pages``) plus one title lookup per action not yet cached: W + 1 + 6N +
+min(N, A). Per action costs the 5 action lists plus one filtered record walk per action:
+W + 1 + N + 5 + A. Chosen: per-person. It reads each changed person's own records, so no
+activity depends on its action appearing in the five top-level lists (whether event-campaign
+events and hidden or retired actions do is not documented), and its cost follows the people
+who changed, while per-action pays 5 + A on every poll with a change, A being every action the
+group ever made (hundreds in a live group). The price is a ceiling of about 2,400 changed
+people an hour per key (4/s over ~6 requests each); a bigger burst lags, then catches up.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from collections import OrderedDict
+from collections.abc import AsyncIterator, Callable, Sequence
+from datetime import UTC, datetime, timedelta
+from typing import Any, TypeVar, cast
+from urllib.parse import quote, urlencode, urlsplit
+
+import aiohttp
+import msgspec
+import structlog
+
+from bridge import rest
+from bridge.clock import Clock
+from bridge.config import ActionNetworkSource
+from bridge.connectors.an_models import (
+    ACTIVITY_TYPES,
+    Action,
+    ActivityData,
+    ActivityType,
+    HalPage,
+    Person,
+    Record,
+    Tag,
+    Tagging,
+    activity_data,
+    an_id,
+    href_id,
+    person_data,
+    utc,
+)
+from bridge.errors import Fatal, Rejected, Retryable
+from bridge.models import NewOp, Page, SourceEvent, content_hash
+from bridge.ratelimit import TokenBucket
+
+__all__ = [
+    "DEFAULT_INDEX_LAG",
+    "MAX_PER_PAGE",
+    "AnClient",
+    "AnPeopleStream",
+    "Mapper",
+    "format_date",
+    "parse_cursor",
+    "unmapped",
+]
+
+log = structlog.get_logger("bridge.connectors.actionnetwork")
+
+T = TypeVar("T")
+Mapper = Callable[[SourceEvent], Sequence[NewOp]]
+
+MAX_PER_PAGE = 25  # the documented maximum (API_FACTS §4)
+DEFAULT_INDEX_LAG = 5.0
+"""Seconds the signpost stays behind the poll start: filters can lag writes (API_FACTS §5)."""
+
+_READ_TRIES = 5
+_BACKOFF_BASE = 0.5
+_BACKOFF_CAP = 30.0
+_ACCEPT = "application/hal+json, application/json;q=0.9"
+_ACTION_CACHE_SIZE = 256
+# gt is strict and dates have one-second resolution: one more second keeps the records
+# stamped in the cursor's own second, which may have been written after the last read.
+_SECOND = timedelta(seconds=1)
+_DECODERS: dict[type[Any], msgspec.json.Decoder[Any]] = {}
+# Deterministic key order (custom_fields is a map), so equal content always hashes alike.
+_ENCODER = msgspec.json.Encoder(order="deterministic")
+
+
+def unmapped(event: SourceEvent) -> Sequence[NewOp]:
+    """The default mapper: no ops yet.
+
+    The flows module (written next, by someone else) maps AN events to GHL ops and is
+    passed in as ``mapper``; until it is wired in, events are read and produce nothing.
+    """
+    return []
+
+
+def format_date(value: datetime) -> str:
+    """A timestamp as the API writes it and filters take it: ``2026-01-05T10:12:37Z``."""
+    return utc(value).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def parse_cursor(cursor: str, *, stream: str) -> datetime:
+    """A stored cursor back as an aware UTC datetime; anything else is an operator problem."""
+    try:
+        parsed = datetime.fromisoformat(cursor)
+    except ValueError:
+        raise Fatal(f"{stream}: stored cursor {cursor!r} is not an ISO timestamp") from None
+    return parsed.replace(tzinfo=UTC) if parsed.tzinfo is None else parsed.astimezone(UTC)
+
+
+# --------------------------------------------------------------------------- client
+
+
+class AnClient:
+    """One Action Network key: paced GETs that retry transient failures, and HAL paging.
+
+    Every request spends a token from ``bucket`` (4/s per key); a 429 also pauses the
+    bucket inside :func:`bridge.rest.request`. Reads are retried ``read_tries`` times in
+    all on :class:`Retryable`; the key travels in a header and is never part of a message.
+    """
+
+    def __init__(
+        self,
+        session: aiohttp.ClientSession,
+        *,
+        base_url: str,
+        api_key: str,
+        bucket: TokenBucket | None,
+        clock: Clock,
+        per_page: int = MAX_PER_PAGE,
+        read_tries: int = _READ_TRIES,
+        rng: random.Random | None = None,
+    ) -> None:
+        if not 1 <= per_page <= MAX_PER_PAGE:
+            raise ValueError(f"per_page must be within 1..{MAX_PER_PAGE}, got {per_page}")
+        if read_tries < 1:
+            raise ValueError(f"read_tries must be at least 1, got {read_tries}")
+        self.per_page = per_page
+        self._session = session
+        self._base = base_url.rstrip("/")
+        self._base_path = urlsplit(self._base).path
+        self._headers = {"OSDI-API-Token": api_key, "Accept": _ACCEPT}
+        self._bucket = bucket
+        self._clock = clock
+        self._read_tries = read_tries
+        self._rng = rng or random.Random()  # noqa: S311 - backoff jitter, not cryptography
+
+    @classmethod
+    def from_config(
+        cls,
+        session: aiohttp.ClientSession,
+        source: ActionNetworkSource,
+        *,
+        bucket: TokenBucket | None,
+        clock: Clock,
+    ) -> AnClient:
+        return cls(
+            session,
+            base_url=source.base_url,
+            api_key=source.api_key.reveal(),
+            bucket=bucket,
+            clock=clock,
+        )
+
+    async def probe(self) -> None:
+        """Prove the key opens a group, or raise :class:`AuthError`.
+
+        The entry point answers 200 even to a bad key, so the probe reads one person.
+        """
+        hal = await self.page(Person, "/people", page=1, per_page=1)
+        _embedded(hal, f"GET {self._base_path}/people")
+
+    async def page(
+        self,
+        tp: type[T],
+        path: str,
+        *,
+        page: int,
+        per_page: int | None = None,
+        filter: str | None = None,
+    ) -> HalPage[T]:
+        """One page of a collection, its items decoded as ``tp``."""
+        size = self.per_page if per_page is None else per_page
+        if not 1 <= size <= MAX_PER_PAGE:
+            raise ValueError(f"per_page must be within 1..{MAX_PER_PAGE}, got {size}")
+        query: list[tuple[str, str | int]] = [("page", page), ("per_page", size)]
+        if filter is not None:
+            query.append(("filter", filter))
+        # HalPage[tp] is a runtime generic alias; mypy cannot see a variable as a type.
+        page_type: Any = cast(Any, HalPage)[tp]
+        return cast(HalPage[T], await self._get(page_type, path, query))
+
+    async def pages(
+        self, tp: type[T], path: str, *, filter: str | None = None
+    ) -> AsyncIterator[list[T]]:
+        """Every non-empty page of a collection, in order, until an empty page.
+
+        ``next`` is present even on the last page, so only an empty page (or, where the
+        collection reports it, ``total_pages``) ends the walk. A page that is not the one
+        asked for, or that repeats the previous page's items, raises :class:`Fatal`:
+        following it would loop or skip records.
+        """
+        where = f"GET {self._base_path}{path}"
+        previous: list[T] | None = None
+        number = 1
+        while True:
+            hal = await self.page(tp, path, page=number, filter=filter)
+            if hal.page is not None and hal.page != number:
+                raise Fatal(
+                    f"{where}: asked for page {number} but the server returned page "
+                    f"{hal.page}; paging would loop or skip records"
+                )
+            items = _embedded(hal, where)
+            if not items:
+                return
+            if items == previous:
+                raise Fatal(f"{where}: page {number} repeats page {number - 1}; paging would loop")
+            yield items
+            if hal.total_pages is not None and number >= hal.total_pages:
+                return
+            previous = items
+            number += 1
+
+    async def tag_names(self) -> dict[str, str]:
+        """Every tag of the group: uuid -> name."""
+        names: dict[str, str] = {}
+        async for tags in self.pages(Tag, "/tags"):
+            for tag in tags:
+                tag_id = an_id(tag.identifiers)
+                if tag_id is not None and tag.name is not None:
+                    names[tag_id] = tag.name
+        return names
+
+    async def person_tag_ids(self, person_id: str) -> list[str]:
+        """The uuids of the tags a person carries (taggings cannot be filtered)."""
+        found: list[str] = []
+        async for taggings in self.pages(Tagging, f"/people/{_q(person_id)}/taggings"):
+            for tagging in taggings:
+                ref = href_id(tagging.links, "osdi:tag")
+                if ref is not None:
+                    found.append(ref[1])
+        return found
+
+    async def action(self, collection: str, action_id: str) -> Action:
+        """``GET /{collection}/{id}`` for a petition, form, event, page or campaign."""
+        return await self._get(Action, f"/{_q(collection)}/{_q(action_id)}", [])
+
+    async def _get(self, tp: type[T], path: str, query: list[tuple[str, str | int]]) -> T:
+        # Quoted by hand so the filter goes out as %20/%27, as API_FACTS §5 spells it.
+        url = self._base + path + (f"?{urlencode(query, quote_via=quote)}" if query else "")
+        response = await self._read(url)
+        decoder = _DECODERS.get(tp)
+        if decoder is None:
+            decoder = _DECODERS[tp] = msgspec.json.Decoder(tp)
+        try:
+            return cast(T, decoder.decode(response.body))
+        except msgspec.DecodeError as exc:
+            where = f"GET {self._base_path}{path}"
+            reason = f"{where}: HTTP {response.status} with an unexpected body ({exc})"
+            raise Retryable(reason) from None
+
+    async def _read(self, url: str) -> rest.Response:
+        attempt = 0
+        while True:
+            try:
+                return await rest.request(
+                    self._session,
+                    "GET",
+                    url,
+                    bucket=self._bucket,
+                    write=False,
+                    clock=self._clock,
+                    headers=self._headers,
+                )
+            except Retryable as exc:
+                attempt += 1
+                if attempt >= self._read_tries:
+                    raise
+                delay = rest.backoff_delay(
+                    attempt - 1,
+                    base=_BACKOFF_BASE,
+                    cap=_BACKOFF_CAP,
+                    retry_after=exc.retry_after,
+                    rng=self._rng,
+                )
+                log.warning(
+                    "an_read_retry",
+                    path=urlsplit(url).path,
+                    status=exc.status,
+                    attempt=attempt,
+                    retry_in=round(delay, 3),
+                    error=str(exc),
+                )
+                await self._clock.sleep(delay)
+
+
+def _embedded(hal: HalPage[T], where: str) -> list[T]:
+    """The page's items: whichever single key ``_embedded`` holds (curies vary by endpoint)."""
+    if hal.embedded is None:
+        return []
+    if len(hal.embedded) != 1:
+        raise Fatal(
+            f"{where}: expected one collection under _embedded, found {sorted(hal.embedded)}"
+        )
+    (items,) = hal.embedded.values()
+    return items
+
+
+def _q(segment: str) -> str:
+    """An id as one path segment, so a stray slash cannot reach another endpoint."""
+    return quote(segment, safe="")
+
+
+# --------------------------------------------------------------------------- caches
+
+
+class _TagNames:
+    """Tag uuid -> name, read from ``/tags`` once per poll and once more on an unknown uuid."""
+
+    def __init__(self, client: AnClient) -> None:
+        self._client = client
+        self._names: dict[str, str] | None = None
+        self._reloaded = False
+
+    def reset(self) -> None:
+        self._names = None
+        self._reloaded = False
+
+    async def names(self, tag_ids: Sequence[str]) -> list[str]:
+        fresh = self._names is None
+        if self._names is None:
+            self._names = await self._client.tag_names()
+        if not (fresh or self._reloaded) and any(t not in self._names for t in tag_ids):
+            # A tag created since the list was read; one reload per poll bounds the cost.
+            self._reloaded = True
+            self._names = await self._client.tag_names()
+        found = set()
+        for tag_id in tag_ids:
+            name = self._names.get(tag_id)
+            if name is None:
+                log.warning("an_tag_unknown", tag_id=tag_id)
+            else:
+                found.add(name)
+        return sorted(found)
+
+
+class _Actions:
+    """A small LRU of actions, so each activity's title costs a request once per action."""
+
+    def __init__(self, client: AnClient, size: int = _ACTION_CACHE_SIZE) -> None:
+        self._client = client
+        self._size = size
+        self._cache: OrderedDict[tuple[str, str], Action | None] = OrderedDict()
+
+    async def get(self, collection: str, action_id: str) -> Action | None:
+        key = (collection, action_id)
+        if key in self._cache:
+            self._cache.move_to_end(key)
+            return self._cache[key]
+        try:
+            action: Action | None = await self._client.action(collection, action_id)
+        except Rejected as exc:
+            # A deleted or hidden action leaves its records behind; they still count.
+            log.warning("an_action_unresolved", collection=collection, error=str(exc))
+            action = None
+        self._cache[key] = action
+        while len(self._cache) > self._size:
+            self._cache.popitem(last=False)
+        return action
+
+
+# --------------------------------------------------------------------------- people stream
+
+
+class AnPeopleStream:
+    """Changed people of one group, each with its tags and (optionally) its new activities.
+
+    A poll reads the whole window ``modified_date gt '<cursor - overlap - 1 s>'`` (``/people``
+    is unsorted, so no early stop), then stores ``min(max modified_date seen, signpost)``,
+    where the signpost is the poll start minus ``index_lag``; the cursor never moves back.
+    Each people page becomes one :class:`Page` (every person followed by their activities)
+    and a last, empty :class:`Page` carries the new cursor, so the cursor moves only once
+    the whole window is durable. With no stored cursor a live stream starts at its first
+    signpost minus the overlap: history is a backfill's job.
+
+    ``backfill_since`` makes a backfill stream: named ``<source>.people.backfill``, it reads
+    from that date whatever cursor it is handed, so the live cursor is never touched.
+    """
+
+    def __init__(
+        self,
+        client: AnClient,
+        *,
+        source: str,
+        clock: Clock,
+        mapper: Mapper = unmapped,
+        poll_interval: float = 60.0,
+        overlap: float = 120.0,
+        index_lag: float = DEFAULT_INDEX_LAG,
+        activities: bool = True,
+        backfill_since: datetime | None = None,
+    ) -> None:
+        if overlap < 0 or index_lag < 0:
+            raise ValueError("overlap and index_lag must not be negative")
+        self.source = source
+        self.name = f"{source}.people" + (".backfill" if backfill_since is not None else "")
+        self.poll_interval = poll_interval
+        self._client = client
+        self._clock = clock
+        self._mapper = mapper
+        self._overlap = timedelta(seconds=overlap)
+        self._index_lag = index_lag
+        self._activities = activities
+        self._since = utc(backfill_since)
+        self._tags = _TagNames(client)
+        self._actions = _Actions(client)
+        # People read when their last change was already older than the overlap: seen
+        # again with the same modified_date they have nothing new (their activities were
+        # read then), so the window's tail does not cost 6 requests each every poll.
+        self._settled: dict[str, datetime] = {}
+
+    @classmethod
+    def from_config(
+        cls,
+        source: ActionNetworkSource,
+        client: AnClient,
+        *,
+        clock: Clock,
+        mapper: Mapper = unmapped,
+        backfill_since: datetime | None = None,
+    ) -> AnPeopleStream:
+        return cls(
+            client,
+            source=source.name,
+            clock=clock,
+            mapper=mapper,
+            poll_interval=float(source.poll_interval),
+            overlap=float(source.overlap),
+            activities="activities" in source.streams,
+            backfill_since=backfill_since,
+        )
+
+    def transform(self, event: SourceEvent) -> Sequence[NewOp]:
+        return self._mapper(event)
+
+    def signpost(self) -> datetime:
+        """The latest cursor a poll starting now may store."""
+        return datetime.fromtimestamp(math.floor(self._clock.time() - self._index_lag), UTC)
+
+    async def pages(self, cursor: str | None) -> AsyncIterator[Page]:
+        signpost = self.signpost()
+        if self._since is not None:
+            start = self._since
+            lower = start - _SECOND
+        else:
+            start = parse_cursor(cursor, stream=self.name) if cursor is not None else signpost
+            lower = start - self._overlap - _SECOND
+        window = f"modified_date gt '{format_date(lower)}'"
+        self._tags.reset()
+        seen: dict[str, datetime | None] = {}
+        newest: datetime | None = None
+        people = 0
+        log.info("an_poll_started", window=window, signpost=format_date(signpost))
+        async for batch in self._client.pages(Person, "/people", filter=window):
+            events: list[SourceEvent] = []
+            for person in batch:
+                person_id = an_id(person.identifiers, person.links)
+                if person_id is None:
+                    log.warning("an_person_without_id")
+                    continue
+                modified = utc(person.modified_date)
+                if person_id in seen and not _newer(modified, seen[person_id]):
+                    continue  # offset paging shifted it onto a later page: same record
+                seen[person_id] = modified
+                if modified is not None:
+                    newest = modified if newest is None else max(newest, modified)
+                    if self._settled.get(person_id) == modified:
+                        continue
+                people += 1
+                events.extend(await self._person_events(person, person_id, window))
+            yield Page(events=events, cursor=None)
+        new_cursor = min(max(newest, start) if newest is not None else start, signpost)
+        log.info("an_window_read", people=people, cursor=format_date(new_cursor))
+        yield Page(events=[], cursor=format_date(new_cursor))
+        # Reached only once the consumer has committed the cursor page.
+        if self._since is None:
+            next_lower = new_cursor - self._overlap - _SECOND
+            horizon = signpost - self._overlap
+            self._settled = {
+                pid: m for pid, m in seen.items() if m is not None and next_lower < m <= horizon
+            }
+
+    async def _person_events(
+        self, person: Person, person_id: str, window: str
+    ) -> list[SourceEvent]:
+        """The person, then their activities in the window in the order they happened."""
+        tags = await self._tags.names(await self._client.person_tag_ids(person_id))
+        key = self._person_key(person_id)
+        events = [self._event(key, "person", person_data(person, person_id, tags))]
+        if self._activities:
+            found = await self._activities_of(person_id, window)
+            # Source order, so a person's messages reach GHL in the order they happened.
+            found.sort(key=lambda a: (a.created_date or _EPOCH, a.id))
+            events += [self._event(f"{self.source}:{a.type}:{a.id}", "activity", a) for a in found]
+        return events
+
+    # ----------------------------------------------------------------- activities
+
+    async def _activities_of(self, person_id: str, window: str) -> list[ActivityData]:
+        found: list[ActivityData] = []
+        for kind, (records, collection, rel) in ACTIVITY_TYPES.items():
+            path = f"/people/{_q(person_id)}/{records}"
+            async for batch in self._client.pages(Record, path, filter=window):
+                for record in batch:
+                    ref = href_id(record.links, rel)
+                    action_id = ref[1] if ref is not None and ref[0] == collection else None
+                    action = None
+                    if action_id is not None:
+                        action = await self._actions.get(collection, action_id)
+                    data = self._activity(kind, record, person_id, action_id, action)
+                    if data is not None:
+                        found.append(data)
+        return found
+
+    def _activity(
+        self,
+        kind: ActivityType,
+        record: Record,
+        person_id: str,
+        action_id: str | None,
+        action: Action | None,
+    ) -> ActivityData | None:
+        record_id = an_id(record.identifiers, record.links)
+        if record_id is None:
+            log.warning("an_activity_without_id", type=kind)
+            return None
+        return activity_data(
+            kind,
+            record,
+            record_id=record_id,
+            person_id=person_id,
+            person_key=self._person_key(person_id),
+            action_id=action_id,
+            action=action,
+        )
+
+    def _person_key(self, person_id: str) -> str:
+        return f"{self.source}:person:{person_id}"
+
+    def _event(self, key: str, kind: str, data: msgspec.Struct) -> SourceEvent:
+        raw = _ENCODER.encode(data)
+        return SourceEvent(
+            stream=self.name, key=key, kind=kind, data=raw, content_hash=content_hash(raw)
+        )
+
+
+_EPOCH = datetime.min.replace(tzinfo=UTC)
+
+
+def _newer(modified: datetime | None, before: datetime | None) -> bool:
+    return modified is not None and (before is None or modified > before)
