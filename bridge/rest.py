@@ -8,7 +8,7 @@ import random
 import re
 from collections.abc import Mapping, Sequence
 from datetime import UTC
-from typing import Any
+from typing import Any, TypeVar, cast
 from urllib.parse import urlsplit
 
 import aiohttp
@@ -36,8 +36,10 @@ __all__ = [
     "backoff_delay",
     "classify",
     "classify_exception",
+    "decode_body",
     "make_session",
     "parse_retry_after",
+    "pause_on_429",
     "request",
 ]
 
@@ -242,9 +244,36 @@ async def request(
     error = classify(status, resp_headers, body, now=clock.time(), write=write, where=where)
     if error is None:
         return Response(status=status, headers=resp_headers, body=body)
+    pause_on_429(bucket, status, error, clock)
+    raise error
+
+
+def pause_on_429(
+    bucket: TokenBucket | None, status: int, error: BridgeError | None, clock: Clock
+) -> None:
+    """After a 429, hold that bucket alone for Retry-After (or DEFAULT_429_PAUSE)."""
     if status == 429 and bucket is not None and isinstance(error, Retryable):
         bucket.pause_until(clock.monotonic() + (error.retry_after or DEFAULT_429_PAUSE))
-    raise error
+
+
+T = TypeVar("T")
+_DECODERS: dict[type[Any], msgspec.json.Decoder[Any]] = {}
+
+
+def decode_body(tp: type[T], response: Response, *, write: bool, where: str) -> T:
+    """Decode a 2xx body into ``tp``, with one decoder per type built on first use.
+
+    A body that does not fit is not the record's fault: a read is retried, and a write
+    may still have happened, so it is in doubt.
+    """
+    decoder = _DECODERS.get(tp)
+    if decoder is None:
+        decoder = _DECODERS[tp] = msgspec.json.Decoder(tp)
+    try:
+        return cast(T, decoder.decode(response.body))
+    except msgspec.DecodeError as exc:
+        reason = f"{where}: HTTP {response.status} with an unexpected body ({exc})"
+        raise (InDoubt(reason) if write else Retryable(reason)) from None
 
 
 def _body_texts(body: bytes) -> list[str]:

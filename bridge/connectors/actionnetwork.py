@@ -88,7 +88,6 @@ _ACTION_CACHE_SIZE = 256
 # gt is strict and dates have one-second resolution: one more second keeps the records
 # stamped in the cursor's own second, which may have been written after the last read.
 _SECOND = timedelta(seconds=1)
-_DECODERS: dict[type[Any], msgspec.json.Decoder[Any]] = {}
 # Deterministic key order (custom_fields is a map), so equal content always hashes alike.
 _ENCODER = msgspec.json.Encoder(order="deterministic")
 
@@ -257,15 +256,7 @@ class AnClient:
         # Quoted by hand so the filter goes out as %20/%27, as API_FACTS §5 spells it.
         url = self._base + path + (f"?{urlencode(query, quote_via=quote)}" if query else "")
         response = await self._read(url)
-        decoder = _DECODERS.get(tp)
-        if decoder is None:
-            decoder = _DECODERS[tp] = msgspec.json.Decoder(tp)
-        try:
-            return cast(T, decoder.decode(response.body))
-        except msgspec.DecodeError as exc:
-            where = f"GET {self._base_path}{path}"
-            reason = f"{where}: HTTP {response.status} with an unexpected body ({exc})"
-            raise Retryable(reason) from None
+        return rest.decode_body(tp, response, write=False, where=f"GET {self._base_path}{path}")
 
     async def _read(self, url: str) -> rest.Response:
         attempt = 0

@@ -7,7 +7,7 @@ import random
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager
 from pathlib import Path
-from typing import Any, Protocol, TypeVar, cast
+from typing import Any, Protocol, TypeVar
 from urllib.parse import quote
 
 import aiohttp
@@ -16,7 +16,7 @@ import msgspec
 from bridge import rest
 from bridge.clock import Clock
 from bridge.connectors.ghl import media, models
-from bridge.errors import AlreadyExists, Fatal, InDoubt, Retryable, TokenExpired
+from bridge.errors import AlreadyExists, Fatal, Retryable, TokenExpired
 from bridge.ratelimit import TokenBucket
 
 __all__ = ["CONTACTS_VERSION", "CONVERSATIONS_VERSION", "GhlClient", "TokenSource"]
@@ -34,7 +34,6 @@ _SEARCH_DEFAULT_LIMIT = 20  # the documented default page size of /conversations
 
 T = TypeVar("T")
 _Form = Callable[[], AbstractAsyncContextManager[aiohttp.FormData]]
-_DECODERS: dict[type[Any], msgspec.json.Decoder[Any]] = {}
 _ENCODER = msgspec.json.Encoder()
 
 
@@ -285,7 +284,7 @@ class GhlClient:
         response = await self._send(
             "POST", path, write=True, form=lambda: media.upload_form(checked, fields)
         )
-        return _decode(models.UploadResult, response, write=True, where=f"POST {path}")
+        return rest.decode_body(models.UploadResult, response, write=True, where=f"POST {path}")
 
     async def update_message_status(
         self,
@@ -417,13 +416,13 @@ class GhlClient:
         self, tp: type[T], path: str, *, params: Sequence[tuple[str, str | int | float]] = ()
     ) -> T:
         response = await self._send("GET", path, write=False, params=params)
-        return _decode(tp, response, write=False, where=f"GET {path}")
+        return rest.decode_body(tp, response, write=False, where=f"GET {path}")
 
     async def _write(
         self, tp: type[T], method: str, path: str, body: msgspec.Struct | None = None
     ) -> T:
         response = await self._send(method, path, write=True, body=body)
-        return _decode(tp, response, write=True, where=f"{method} {path}")
+        return rest.decode_body(tp, response, write=True, where=f"{method} {path}")
 
     async def _send(
         self,
@@ -514,15 +513,3 @@ def _check_cursor(where: str, cursor: T | None, seen: set[T]) -> None:
     if cursor in seen:
         raise Fatal(f"{where}: cursor {cursor!r} came back twice; paging would loop")
     seen.add(cursor)
-
-
-def _decode(tp: type[T], response: rest.Response, *, write: bool, where: str) -> T:
-    """Decode a 2xx body; a body that does not fit means a write may still have happened."""
-    decoder = _DECODERS.get(tp)
-    if decoder is None:
-        decoder = _DECODERS[tp] = msgspec.json.Decoder(tp)
-    try:
-        return cast(T, decoder.decode(response.body))
-    except msgspec.DecodeError as exc:
-        reason = f"{where}: HTTP {response.status} with an unexpected body ({exc})"
-        raise (InDoubt(reason) if write else Retryable(reason)) from None

@@ -18,7 +18,7 @@ from bridge.clock import Clock
 from bridge.connectors.ghl.models import TranscriptSentence
 from bridge.errors import Rejected, Retryable
 from bridge.ratelimit import TokenBucket
-from bridge.rest import DEFAULT_429_PAUSE, apply_rate_headers, classify, classify_exception
+from bridge.rest import apply_rate_headers, classify, classify_exception, pause_on_429
 
 __all__ = [
     "ALLOWED_EXTENSIONS",
@@ -176,8 +176,7 @@ async def open_stream(
         response.release()
     status = response.status
     error = classify(status, lowered, body, now=clock.time(), where=where)
-    if status == 429 and bucket is not None and isinstance(error, Retryable):
-        bucket.pause_until(clock.monotonic() + (error.retry_after or DEFAULT_429_PAUSE))
+    pause_on_429(bucket, status, error, clock)
     raise error or Retryable(f"{where}: HTTP {status}")  # classify() maps every status >= 400
 
 
