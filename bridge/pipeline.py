@@ -87,6 +87,17 @@ class RunSummary(msgspec.Struct, kw_only=True):
     in_doubt_at_start: int = 0
 
 
+def _hash_last(ops: Sequence[NewOp], digest: str) -> list[NewOp]:
+    """The ops of one event, the last carrying the event's content hash.
+
+    The record counts as delivered (and is skipped when unchanged) once its last op is done.
+    """
+    out = list(ops)
+    if out and out[-1].content_hash is None:
+        out[-1] = msgspec.structs.replace(out[-1], content_hash=digest)
+    return out
+
+
 def partition_of(entity: str, partitions: int) -> int:
     """Stable partition for an entity (crc32, not hash(), so it is the same every run)."""
     return zlib.crc32(entity.encode()) % partitions
@@ -276,12 +287,7 @@ class Pipeline:
             except Rejected as exc:
                 rejections.append(Rejection(event=event, reason=str(exc)))
                 continue
-            if event_ops and event_ops[-1].content_hash is None:
-                # The record counts as delivered when its last op is done.
-                event_ops[-1] = msgspec.structs.replace(
-                    event_ops[-1], content_hash=event.content_hash
-                )
-            ops.extend(event_ops)
+            ops.extend(_hash_last(event_ops, event.content_hash))
         return ops, rejections
 
     async def _wait_for_room(self, count: int) -> None:
@@ -446,9 +452,7 @@ class Pipeline:
             stream = self._streams_by_name.get(dl.stream)
             if stream is None:
                 raise Rejected(f"dead letter {dl.id}: stream {dl.stream!r} is not configured")
-            ops = list(stream.transform(event))
-            if ops and ops[-1].content_hash is None:
-                ops[-1] = msgspec.structs.replace(ops[-1], content_hash=event.content_hash)
+            ops = _hash_last(stream.transform(event), event.content_hash)
         else:
             assert dl.target is not None
             assert dl.entity is not None

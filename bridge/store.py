@@ -247,12 +247,16 @@ class Store:
             if value is None:
                 await conn.execute("DELETE FROM cursors WHERE stream = ?", (stream,))
             else:
-                await conn.execute(
-                    "INSERT INTO cursors (stream, value, updated_at) VALUES (?, ?, ?)"
-                    " ON CONFLICT (stream) DO UPDATE SET value = excluded.value,"
-                    " updated_at = excluded.updated_at",
-                    (stream, value, time.time()),
-                )
+                await self._put_cursor(conn, stream, value, time.time())
+
+    @staticmethod
+    async def _put_cursor(conn: aiosqlite.Connection, stream: str, value: str, now: float) -> None:
+        await conn.execute(
+            "INSERT INTO cursors (stream, value, updated_at) VALUES (?, ?, ?)"
+            " ON CONFLICT (stream) DO UPDATE SET value = excluded.value,"
+            " updated_at = excluded.updated_at",
+            (stream, value, now),
+        )
 
     async def cursors(self) -> list[CursorRow]:
         async with (
@@ -300,25 +304,7 @@ class Store:
         Returns the number of ops written.
         """
         async with self._tx() as conn:
-            await conn.executemany(
-                "INSERT INTO outbox (stream, target, entity, kind, source_key, content_hash,"
-                " payload, next_at, created_at, updated_at) VALUES (?,?,?,?,?,?,?,?,?,?)",
-                [
-                    (
-                        stream,
-                        op.target,
-                        op.entity,
-                        op.kind,
-                        op.source_key,
-                        op.content_hash,
-                        op.payload,
-                        now,
-                        now,
-                        now,
-                    )
-                    for op in ops
-                ],
-            )
+            await self._insert_ops(conn, stream, ops, now)
             for rejection in rejections:
                 event = rejection.event
                 await self._upsert_dead_letter(
@@ -335,13 +321,32 @@ class Store:
                     now=now,
                 )
             if cursor is not None:
-                await conn.execute(
-                    "INSERT INTO cursors (stream, value, updated_at) VALUES (?, ?, ?)"
-                    " ON CONFLICT (stream) DO UPDATE SET value = excluded.value,"
-                    " updated_at = excluded.updated_at",
-                    (stream, cursor, now),
-                )
+                await self._put_cursor(conn, stream, cursor, now)
         return len(ops)
+
+    @staticmethod
+    async def _insert_ops(
+        conn: aiosqlite.Connection, stream: str, ops: Sequence[NewOp], now: float
+    ) -> None:
+        await conn.executemany(
+            "INSERT INTO outbox (stream, target, entity, kind, source_key, content_hash,"
+            " payload, next_at, created_at, updated_at) VALUES (?,?,?,?,?,?,?,?,?,?)",
+            [
+                (
+                    stream,
+                    op.target,
+                    op.entity,
+                    op.kind,
+                    op.source_key,
+                    op.content_hash,
+                    op.payload,
+                    now,
+                    now,
+                    now,
+                )
+                for op in ops
+            ],
+        )
 
     # -- dispatch: what the senders read and write ------------------------------------------
 
@@ -616,25 +621,7 @@ class Store:
     ) -> None:
         """Replace a dead letter by fresh outbox ops, in one transaction."""
         async with self._tx() as conn:
-            await conn.executemany(
-                "INSERT INTO outbox (stream, target, entity, kind, source_key, content_hash,"
-                " payload, next_at, created_at, updated_at) VALUES (?,?,?,?,?,?,?,?,?,?)",
-                [
-                    (
-                        stream,
-                        op.target,
-                        op.entity,
-                        op.kind,
-                        op.source_key,
-                        op.content_hash,
-                        op.payload,
-                        now,
-                        now,
-                        now,
-                    )
-                    for op in ops
-                ],
-            )
+            await self._insert_ops(conn, stream, ops, now)
             await conn.execute("DELETE FROM dead_letter WHERE id = ?", (dl.id,))
 
     async def drop_dead_letter(self, dl_id: int) -> bool:
