@@ -6,18 +6,22 @@ import asyncio
 import contextlib
 import math
 from collections.abc import AsyncIterator, Mapping, Sequence
+from datetime import datetime
 
 import aiohttp
 import msgspec
 import structlog
 
 from bridge.clock import Clock, SystemClock
-from bridge.config import Config, GhlLocation
+from bridge.config import ActionNetworkSource, Config, GhlLocation
+from bridge.connectors.actionnetwork import AnClient, AnPeopleStream
+from bridge.connectors.an_target import AnWriteBackTarget
 from bridge.connectors.ghl.auth import token_source
 from bridge.connectors.ghl.client import GhlClient, TokenSource
 from bridge.connectors.ghl.probe import ScopeCheck, check_location
 from bridge.connectors.ghl.target import GhlTarget
-from bridge.errors import AuthError
+from bridge.errors import AuthError, ConfigError
+from bridge.flows.action_network import ActionNetworkFlow
 from bridge.models import BudgetRow
 from bridge.pipeline import Pipeline, RunSummary, Stream, Target
 from bridge.ratelimit import Limiters
@@ -36,10 +40,30 @@ DONE_RETENTION = 86_400.0
 
 
 def stream_names(config: Config) -> list[str]:
-    """Every configured stream, named ``<source>.<stream>`` as cursors are stored."""
-    names = [f"{s.name}.{stream}" for s in config.sources.action_network for stream in s.streams]
+    """Every configured stream, named as its cursor is stored.
+
+    An Action Network group is one stream, ``<source>.people``: its activities and tags
+    are read per changed person within the same poll.
+    """
+    names = [f"{s.name}.people" for s in config.sources.action_network]
     names += [f"{s.name}.{stream}" for s in config.sources.activedemand for stream in s.streams]
     return names
+
+
+def an_flow(config: Config, source: ActionNetworkSource) -> ActionNetworkFlow:
+    """The compiled flow of one group (raises ConfigError naming a bad mapping or rule)."""
+    return ActionNetworkFlow(
+        source,
+        config.mapping.get(source.mapping),
+        ghl_target=ghl_target_name(source.location),
+        an_target=an_target_name(source.name),
+    )
+
+
+def compile_flows(config: Config) -> None:
+    """Compile every source's mapping and rules, so a mistake stops the start with its key."""
+    for source in config.sources.action_network:
+        an_flow(config, source)
 
 
 def build_limiters(config: Config, clock: Clock) -> Limiters:
@@ -166,13 +190,27 @@ class App:
 
 
 @contextlib.asynccontextmanager
-async def open_app(config: Config, *, clock: Clock | None = None) -> AsyncIterator[App]:
+async def open_app(
+    config: Config,
+    *,
+    clock: Clock | None = None,
+    backfill: tuple[str, datetime] | None = None,
+) -> AsyncIterator[App]:
     """Open the state file and build streams and targets for every configured source.
 
     Connectors plug in here: each source account contributes its streams, each GHL
-    location its target, all sharing one store and one set of rate limiters.
+    location its target, all sharing one store and one set of rate limiters. With
+    ``backfill=(source, since)`` the only stream is that source re-read from ``since``
+    under a cursor of its own, so the live cursor is left as it was.
     """
     clock = clock or SystemClock()
+    if backfill is not None and backfill[0] not in {s.name for s in config.sources.action_network}:
+        known = ", ".join(s.name for s in config.sources.action_network) or "none"
+        raise ConfigError(
+            "$.sources.action_network",
+            f"no Action Network source named {backfill[0]!r} to backfill (known: {known})",
+        )
+    compile_flows(config)
     for secret in config.secret_values():
         register_secret(secret)
     async with Store.open(config.state.path) as store, make_session() as session:
@@ -192,6 +230,28 @@ async def open_app(config: Config, *, clock: Clock | None = None) -> AsyncIterat
             )
             locations.append(GhlLocationParts(config=loc, auth=auth, client=client))
             targets[ghl_target_name(loc.name)] = GhlTarget(client, store, clock=clock)
+        for source in config.sources.action_network:
+            an_client = AnClient.from_config(
+                session,
+                source,
+                bucket=limiters.get("actionnetwork", source.name),
+                clock=clock,
+            )
+            targets[an_target_name(source.name)] = AnWriteBackTarget(an_client, store)
+            since = backfill[1] if backfill is not None else None
+            if backfill is not None and backfill[0] != source.name:
+                continue
+            flow = an_flow(config, source)
+            streams.append(
+                AnPeopleStream.from_config(
+                    source,
+                    an_client,
+                    clock=clock,
+                    mapper=flow,
+                    backfill_since=since,
+                    own_fields=flow.own_fields,
+                )
+            )
         log.info(
             "app_ready",
             state=str(store.path),
@@ -206,3 +266,8 @@ async def open_app(config: Config, *, clock: Clock | None = None) -> AsyncIterat
 def ghl_target_name(location: str) -> str:
     """The outbox ``target`` of a GHL location's ops."""
     return f"ghl:{location}"
+
+
+def an_target_name(source: str) -> str:
+    """The outbox ``target`` of an Action Network group's write-backs."""
+    return f"an:{source}"

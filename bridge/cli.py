@@ -1,4 +1,4 @@
-"""The ``bridge`` command line: run, once, check, status and dead-letter handling."""
+"""The ``bridge`` command line: run, once, backfill, demo, check, status, dlq, map, auth, sim."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import os
 import sys
 import time
 from collections.abc import Sequence
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -19,9 +20,11 @@ from bridge.clock import SystemClock
 from bridge.config import Config, OAuthAuth, load_config
 from bridge.connectors.ghl.auth import OAuthTokens
 from bridge.connectors.ghl.login import login
+from bridge.demo import demo
 from bridge.errors import EX_CONFIG, EX_USAGE, ConfigError, Fatal, Retryable
 from bridge.models import DeadLetter
 from bridge.observability.logs import configure_logging
+from bridge.preview import map_preview
 from bridge.redact import redact
 from bridge.rest import make_session
 from bridge.sim.actionnetwork import build_app as build_an_app
@@ -49,6 +52,26 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     commands.add_parser("run", help="run the daemon until SIGTERM")
     commands.add_parser("once", help="poll every stream until caught up, deliver everything, exit")
+    demo = commands.add_parser(
+        "demo", help="run the daemon against built-in simulators (no config or credentials)"
+    )
+    demo.add_argument("--people", type=_positive_int, default=12, help="people to seed")
+    demo.add_argument("--verbose", action="store_true", help="log every page and op")
+    backfill = commands.add_parser(
+        "backfill", help="re-read a source from a date, leaving its live cursor alone"
+    )
+    backfill.add_argument("source", help="Action Network source name in the config")
+    backfill.add_argument("--since", required=True, type=_date, help="YYYY-MM-DD (UTC)")
+    mapping = commands.add_parser("map", help="field mapping tools")
+    map_commands = mapping.add_subparsers(dest="map_command", metavar="ACTION", required=True)
+    preview = map_commands.add_parser(
+        "preview", help="show what real source records would send, without sending"
+    )
+    preview.add_argument("--source", required=True, help="source name in the config")
+    preview.add_argument("--limit", type=_positive_int, default=5, help="records to show")
+    preview.add_argument(
+        "--activities", action="store_true", help="also read each person's activities"
+    )
     check = commands.add_parser(
         "check", help="validate the config, then probe every GHL location's token and scopes"
     )
@@ -103,6 +126,13 @@ def _port(text: str) -> int:
     return value
 
 
+def _date(text: str) -> datetime:
+    try:
+        return datetime.strptime(text, "%Y-%m-%d").replace(tzinfo=UTC)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a date YYYY-MM-DD, got {text!r}") from None
+
+
 def _positive_int(text: str) -> int:
     try:
         value = int(text)
@@ -118,6 +148,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)  # exits 2 with usage on a bad argument
     if args.command == "sim":
         return _run_sim(args)
+    if args.command == "demo":
+        configure_logging(level="info" if args.verbose else "warning", fmt="console")
+        return asyncio.run(demo(sys.stdout, people=args.people, verbose=args.verbose))
     try:
         config = load_config(args.config)
     except ConfigError as exc:
@@ -146,10 +179,15 @@ async def _dispatch(args: argparse.Namespace, config: Config, out: TextIO) -> in
         return await _dlq(args, config, out)
     if command == "auth":
         return await _auth_login(config, args.location, args.code, out)
-    async with open_app(config) as app:
+    if command == "map":
+        return await map_preview(
+            config, args.source, out, limit=args.limit, activities=args.activities
+        )
+    backfill = (args.source, args.since) if command == "backfill" else None
+    async with open_app(config, backfill=backfill) as app:
         started = time.time()
-        summary = await app.run(once=command == "once")
-        if command == "once":
+        summary = await app.run(once=command in ("once", "backfill"))
+        if command in ("once", "backfill"):
             out.write(_summary_text(summary) + "\n")
             if summary.dead_lettered:
                 letters = await app.store.dead_letters(limit=20, since=started)

@@ -159,6 +159,42 @@ class GhlConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only
     locations: list[GhlLocation] = []
 
 
+class WriteBack(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    # Action Network custom field that receives the GHL contact id ("" to not write it).
+    contact_id: str = "ghl_contact_id"
+    # Action Network custom field that receives the GHL conversation id ("" to not write it).
+    conversation_id: str = "ghl_conversation_id"
+
+
+class TaskAction(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    # Task title; a template over the record, e.g. "Call {given_name} back".
+    title: str
+    # Task body; a template. The bridge appends a marker line it uses to find the task again.
+    body: str = ""
+    # Due this long after the task is created.
+    due_in: Duration = Duration(86400.0)
+
+
+class NotifyRule(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    # Names the rule in logs and in the keys that make each firing happen once.
+    name: Name
+    # Fire when a person carries this Action Network tag (once per person)...
+    when_tag: str | None = None
+    # ...or for each new activity of this type (signature, submission, attendance,
+    # donation, outreach)...
+    when_activity: str | None = None
+    # ...optionally only on the action with this title or Action Network id.
+    when_action: str | None = None
+    # What to do; at least one is required. Templates use the record's fields.
+    task: TaskAction | None = None
+    note: str | None = None
+    add_tags: list[str] = []
+    remove_tags: list[str] = []
+    # Mark the conversation unread and/or starred so the team sees it.
+    unread: bool = False
+    starred: bool = False
+
+
 class ActionNetworkSource(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
     # Unique among sources; names cursors and logs.
     name: Name
@@ -180,6 +216,10 @@ class ActionNetworkSource(msgspec.Struct, frozen=True, forbid_unknown_fields=Tru
     rate: PositiveFloat = 4.0
     # Profile in [mapping]; a missing profile means the built-in defaults.
     mapping: Name = "action_network"
+    # Action Network custom fields that receive the GHL ids.
+    write_back: WriteBack = msgspec.field(default_factory=WriteBack)
+    # Rules that turn a tag or an activity into a GHL task, note, tags or conversation status.
+    rules: list[NotifyRule] = []
 
 
 class ActiveDemandSource(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
@@ -225,11 +265,26 @@ class FieldRule(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only
     date_format: str | None = None
 
 
+class MessageRule(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    # GHL inbound message type: "SMS", "Email", "Custom", ... (see POST
+    # /conversations/messages/inbound). "Custom" needs conversation_provider_id.
+    type: str = "SMS"
+    # The message text: a template over the activity's fields; a [bracketed part] is left
+    # out when a field inside it is empty.
+    template: str
+    # Subject line (e-mail types), a template.
+    subject: str | None = None
+    # GHL conversation provider id, for custom providers only.
+    conversation_provider_id: str | None = None
+
+
 class MappingProfile(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
     # GHL contact field -> rule.
     contact: dict[str, FieldRule] = {}
-    # GHL custom field id or key -> rule.
+    # GHL custom field id -> rule.
     custom_fields: dict[str, FieldRule] = {}
+    # Activity type (signature, submission, attendance, donation, outreach) -> message.
+    messages: dict[str, MessageRule] = {}
 
 
 class Config(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):

@@ -28,6 +28,8 @@ CONTACT_FIELDS = frozenset(
 )
 
 _PLACEHOLDER = re.compile(r"\{([^{}]+)\}")
+_OPTIONAL = re.compile(r"\[([^\[\]]*)\]")
+_SPACES = re.compile(r"[ \t]{2,}")
 _MISSING = object()
 
 Value = str | list[str] | None
@@ -138,12 +140,28 @@ class CompiledRule:
         return value or None
 
 
+def render(template: str, record: Mapping[str, Any]) -> str:
+    """Fill ``{path}`` placeholders from the record.
+
+    A ``[bracketed part]`` is kept only when every placeholder in it has a value, so
+    ``'Signed[ "{action_title}"][: {comments}]'`` reads well with or without a comment.
+    A missing value outside brackets becomes empty, and leaves no double spaces.
+    """
+
+    def value(path: str) -> str:
+        return _text(resolve(record, path.strip())) or ""
+
+    def optional(match: re.Match[str]) -> str:
+        inner = match.group(1)
+        return inner if all(value(p) for p in _PLACEHOLDER.findall(inner)) else ""
+
+    text = _PLACEHOLDER.sub(lambda m: value(m.group(1)), _OPTIONAL.sub(optional, template))
+    return "\n".join(_SPACES.sub(" ", line).strip() for line in text.splitlines()).strip()
+
+
 def _template(template: str) -> Step:
     def step(value: Value, record: Mapping[str, Any]) -> Value:
-        text = _PLACEHOLDER.sub(
-            lambda m: _text(resolve(record, m.group(1).strip())) or "", template
-        )
-        return " ".join(text.split()) or None  # a missing part leaves no double spaces
+        return render(template, record) or None
 
     return step
 

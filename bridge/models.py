@@ -100,6 +100,8 @@ class IdMapUpdate(msgspec.Struct, frozen=True, kw_only=True):
     contact_id: str | None = None
     conversation_id: str | None = None
     message_id: str | None = None
+    # The source tags now on the contact (a tag sync's result).
+    tags: tuple[str, ...] | None = None
 
 
 class OpResult(msgspec.Struct, frozen=True, kw_only=True):
@@ -117,6 +119,7 @@ class IdMapRow(msgspec.Struct, frozen=True, kw_only=True):
     message_id: str | None
     content_hash: str | None
     updated_at: float
+    tags: tuple[str, ...] | None = None
 
 
 class Rejection(msgspec.Struct, frozen=True, kw_only=True):

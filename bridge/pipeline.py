@@ -6,7 +6,8 @@
                                           |
     dispatcher: store.due_ops (head op of each entity) -> partition queue (crc32(entity) % N)
                                           |
-    sender: mark in flight -> [reconcile if in doubt] -> target.send -> store.complete
+    sender: [same payload as last applied: done] -> mark in flight -> [reconcile if in doubt]
+            -> target.send -> store.complete
 
 Shutdown has two phases: stop intake (producers and dispatcher), then give ops already
 being sent ``drain_grace`` seconds to finish before cancelling them. Nothing pending is
@@ -81,20 +82,26 @@ class RunSummary(msgspec.Struct, kw_only=True):
     events_unchanged: int = 0
     ops_written: int = 0
     ops_sent: int = 0
+    ops_unchanged: int = 0
     ops_retried: int = 0
     ops_reconciled: int = 0
     dead_lettered: int = 0
     in_doubt_at_start: int = 0
 
 
-def _hash_last(ops: Sequence[NewOp], digest: str) -> list[NewOp]:
-    """The ops of one event, the last carrying the event's content hash.
+def _hash_last(ops: Sequence[NewOp], event: SourceEvent) -> list[NewOp]:
+    """The ops of one event, one of them carrying the event's content hash.
 
-    The record counts as delivered (and is skipped when unchanged) once its last op is done.
+    The hash goes on the last op filed under the event's own key (ops may also carry keys
+    of their own, such as a rule's firing), and the record counts as delivered, and is
+    skipped while unchanged, once that op is done. Every op of the event is already
+    durable in the same transaction, so nothing is lost if a later one is still pending.
     """
     out = list(ops)
-    if out and out[-1].content_hash is None:
-        out[-1] = msgspec.structs.replace(out[-1], content_hash=digest)
+    mine = [i for i, op in enumerate(out) if op.source_key == event.key]
+    at = mine[-1] if mine else len(out) - 1
+    if out and out[at].content_hash is None:
+        out[at] = msgspec.structs.replace(out[at], content_hash=event.content_hash)
     return out
 
 
@@ -287,7 +294,7 @@ class Pipeline:
             except Rejected as exc:
                 rejections.append(Rejection(event=event, reason=str(exc)))
                 continue
-            ops.extend(_hash_last(event_ops, event.content_hash))
+            ops.extend(_hash_last(event_ops, event))
         return ops, rejections
 
     async def _wait_for_room(self, count: int) -> None:
@@ -371,6 +378,14 @@ class Pipeline:
             if target is None:
                 await self._dead_letter(op, f"no target named {op.target!r} is configured")
                 return
+            if await self._store.already_applied(op):
+                # The last op of this kind for this record sent exactly this: e.g. a
+                # person whose tags changed re-queues an identical contact upsert.
+                await self._store.complete(op, OpResult(), now=self._clock.time())
+                self._completed()
+                self.summary.ops_unchanged += 1
+                log.debug("op_unchanged")
+                return
             await self._store.mark_in_flight(op.id, now=self._clock.time())
             try:
                 result = await target.reconcile(op) if op.in_doubt else None
@@ -452,7 +467,7 @@ class Pipeline:
             stream = self._streams_by_name.get(dl.stream)
             if stream is None:
                 raise Rejected(f"dead letter {dl.id}: stream {dl.stream!r} is not configured")
-            ops = _hash_last(stream.transform(event), event.content_hash)
+            ops = _hash_last(stream.transform(event), event)
         else:
             assert dl.target is not None
             assert dl.entity is not None

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import aiosqlite
+import msgspec
 
 from bridge.models import (
     EVENT_KIND,
@@ -32,8 +33,11 @@ from bridge.models import (
     OpResult,
     Rejection,
     TokenRow,
+    content_hash,
     encode_event,
 )
+
+_json = msgspec.json
 
 # Each entry upgrades the schema by one version; PRAGMA user_version records how far a
 # file has come. Never edit a shipped entry: append a new one.
@@ -109,6 +113,20 @@ MIGRATIONS: tuple[str, ...] = (
         updated_at REAL NOT NULL,
         PRIMARY KEY (api, tenant)
     );
+    """,
+    # The last payload each (target, source key, kind) delivered, so an op that would
+    # send the same thing again completes without a call; and the source tags last
+    # applied to a contact, so a tag sync knows what to remove.
+    """
+    CREATE TABLE applied (
+        target TEXT NOT NULL,
+        source_key TEXT NOT NULL,
+        kind TEXT NOT NULL,
+        payload_hash TEXT NOT NULL,
+        updated_at REAL NOT NULL,
+        PRIMARY KEY (target, source_key, kind)
+    );
+    ALTER TABLE id_map ADD COLUMN tags TEXT;
     """,
 )
 
@@ -394,6 +412,12 @@ class Store:
         async with self._tx() as conn:
             for update in result.updates:
                 await self._merge_id_map(conn, update, None, now)
+            await conn.execute(
+                "INSERT INTO applied (target, source_key, kind, payload_hash, updated_at)"
+                " VALUES (?, ?, ?, ?, ?) ON CONFLICT (target, source_key, kind) DO UPDATE SET"
+                " payload_hash = excluded.payload_hash, updated_at = excluded.updated_at",
+                (op.target, op.source_key, op.kind, content_hash(op.payload), now),
+            )
             if op.content_hash is not None:
                 await self._merge_id_map(
                     conn, IdMapUpdate(source_key=op.source_key), op.content_hash, now
@@ -404,17 +428,31 @@ class Store:
                 (now, op.id),
             )
 
+    async def already_applied(self, op: Op) -> bool:
+        """Whether the last op of this target, source key and kind sent this very payload."""
+        async with (
+            self._read() as conn,
+            conn.execute(
+                "SELECT payload_hash FROM applied WHERE target = ? AND source_key = ? AND kind = ?",
+                (op.target, op.source_key, op.kind),
+            ) as cur,
+        ):
+            row = await cur.fetchone()
+        return row is not None and row[0] == content_hash(op.payload)
+
     async def _merge_id_map(
         self, conn: aiosqlite.Connection, update: IdMapUpdate, digest: str | None, now: float
     ) -> None:
+        tags = None if update.tags is None else _json.encode(sorted(update.tags)).decode()
         await conn.execute(
             "INSERT INTO id_map (source_key, contact_id, conversation_id, message_id,"
-            " content_hash, updated_at) VALUES (?, ?, ?, ?, ?, ?)"
+            " content_hash, tags, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?)"
             " ON CONFLICT (source_key) DO UPDATE SET"
             " contact_id = COALESCE(excluded.contact_id, contact_id),"
             " conversation_id = COALESCE(excluded.conversation_id, conversation_id),"
             " message_id = COALESCE(excluded.message_id, message_id),"
             " content_hash = COALESCE(excluded.content_hash, content_hash),"
+            " tags = COALESCE(excluded.tags, tags),"
             " updated_at = excluded.updated_at",
             (
                 update.source_key,
@@ -422,6 +460,7 @@ class Store:
                 update.conversation_id,
                 update.message_id,
                 digest,
+                tags,
                 now,
             ),
         )
@@ -509,7 +548,7 @@ class Store:
             self._read() as conn,
             conn.execute(
                 "SELECT source_key, contact_id, conversation_id, message_id, content_hash,"
-                " updated_at FROM id_map WHERE source_key = ?",
+                " updated_at, tags FROM id_map WHERE source_key = ?",
                 (source_key,),
             ) as cur,
         ):
@@ -523,6 +562,7 @@ class Store:
             message_id=row[3],
             content_hash=row[4],
             updated_at=row[5],
+            tags=None if row[6] is None else tuple(_json.decode(row[6], type=list[str])),
         )
 
     async def id_map_count(self) -> int:

@@ -71,7 +71,7 @@ class FakeStream:
                 entity=record.entity,
                 kind=f"step{i}",
                 source_key=record.key if i == record.ops - 1 else f"{record.key}#{i}",
-                payload=msgspec.json.encode({"key": record.key, "step": i}),
+                payload=msgspec.json.encode({"key": record.key, "step": i, "text": record.text}),
             )
             for i in range(record.ops)
         ]

@@ -28,7 +28,7 @@ from __future__ import annotations
 import math
 import random
 from collections import OrderedDict
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Mapping, Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Any, TypeVar, cast
 from urllib.parse import quote, urlencode, urlsplit
@@ -54,6 +54,7 @@ from bridge.connectors.an_models import (
     an_id,
     href_id,
     person_data,
+    person_key,
     utc,
 )
 from bridge.errors import Fatal, Rejected, Retryable
@@ -252,6 +253,23 @@ class AnClient:
         """``GET /{collection}/{id}`` for a petition, form, event, page or campaign."""
         return await self._get(Action, f"/{_q(collection)}/{_q(action_id)}", [])
 
+    async def update_person(self, person_id: str, custom_fields: Mapping[str, str]) -> None:
+        """``PUT /people/{id}`` with only these custom fields: AN merges them key by key.
+
+        Not retried here: the pipeline retries writes with its own backoff and limits.
+        """
+        path = f"/people/{_q(person_id)}"
+        await rest.request(
+            self._session,
+            "PUT",
+            self._base + path,
+            bucket=self._bucket,
+            write=True,
+            clock=self._clock,
+            headers=self._headers,
+            json={"custom_fields": dict(custom_fields)},
+        )
+
     async def _get(self, tp: type[T], path: str, query: list[tuple[str, str | int]]) -> T:
         # Quoted by hand so the filter goes out as %20/%27, as API_FACTS §5 spells it.
         url = self._base + path + (f"?{urlencode(query, quote_via=quote)}" if query else "")
@@ -398,6 +416,7 @@ class AnPeopleStream:
         index_lag: float = DEFAULT_INDEX_LAG,
         activities: bool = True,
         backfill_since: datetime | None = None,
+        own_fields: frozenset[str] = frozenset(),
     ) -> None:
         if overlap < 0 or index_lag < 0:
             raise ValueError("overlap and index_lag must not be negative")
@@ -411,6 +430,9 @@ class AnPeopleStream:
         self._index_lag = index_lag
         self._activities = activities
         self._since = utc(backfill_since)
+        # Custom fields the bridge itself writes (the GHL ids): left out of the content
+        # hash, so the bridge's own write-back does not read as a change to send again.
+        self._own_fields = own_fields
         self._tags = _TagNames(client)
         self._actions = _Actions(client)
         # People read when their last change was already older than the overlap: seen
@@ -427,6 +449,7 @@ class AnPeopleStream:
         clock: Clock,
         mapper: Mapper = unmapped,
         backfill_since: datetime | None = None,
+        own_fields: frozenset[str] = frozenset(),
     ) -> AnPeopleStream:
         return cls(
             client,
@@ -437,6 +460,7 @@ class AnPeopleStream:
             overlap=float(source.overlap),
             activities="activities" in source.streams,
             backfill_since=backfill_since,
+            own_fields=own_fields,
         )
 
     def transform(self, event: SourceEvent) -> Sequence[NewOp]:
@@ -446,7 +470,7 @@ class AnPeopleStream:
         """The latest cursor a poll starting now may store."""
         return datetime.fromtimestamp(math.floor(self._clock.time() - self._index_lag), UTC)
 
-    async def pages(self, cursor: str | None) -> AsyncIterator[Page]:
+    async def pages(self, cursor: str | None) -> AsyncGenerator[Page, None]:
         signpost = self.signpost()
         if self._since is not None:
             start = self._since
@@ -495,7 +519,14 @@ class AnPeopleStream:
         """The person, then their activities in the window in the order they happened."""
         tags = await self._tags.names(await self._client.person_tag_ids(person_id))
         key = self._person_key(person_id)
-        events = [self._event(key, "person", person_data(person, person_id, tags))]
+        data = person_data(person, person_id, tags)
+        hashed = msgspec.structs.replace(
+            data,
+            custom_fields={
+                k: v for k, v in data.custom_fields.items() if k not in self._own_fields
+            },
+        )
+        events = [self._event(key, "person", data, hashed=hashed)]
         if self._activities:
             found = await self._activities_of(person_id, window)
             # Source order, so a person's messages reach GHL in the order they happened.
@@ -544,13 +575,14 @@ class AnPeopleStream:
         )
 
     def _person_key(self, person_id: str) -> str:
-        return f"{self.source}:person:{person_id}"
+        return person_key(self.source, person_id)
 
-    def _event(self, key: str, kind: str, data: msgspec.Struct) -> SourceEvent:
+    def _event(
+        self, key: str, kind: str, data: msgspec.Struct, *, hashed: msgspec.Struct | None = None
+    ) -> SourceEvent:
         raw = _ENCODER.encode(data)
-        return SourceEvent(
-            stream=self.name, key=key, kind=kind, data=raw, content_hash=content_hash(raw)
-        )
+        digest = content_hash(raw if hashed is None else _ENCODER.encode(hashed))
+        return SourceEvent(stream=self.name, key=key, kind=kind, data=raw, content_hash=digest)
 
 
 _EPOCH = datetime.min.replace(tzinfo=UTC)

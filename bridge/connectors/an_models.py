@@ -31,6 +31,7 @@ __all__ = [
     "an_id",
     "href_id",
     "person_data",
+    "person_key",
     "utc",
 ]
 
@@ -245,6 +246,11 @@ def an_id(identifiers: list[str], links: Links | None = None) -> str | None:
         if found is not None:
             return found[1]
     return None
+
+
+def person_key(source: str, person_id: str) -> str:
+    """The source key of a person of the group named ``source``: the id map's key."""
+    return f"{source}:person:{person_id}"
 
 
 def href_id(links: Links, rel: str) -> tuple[str, str] | None:

@@ -1383,6 +1383,14 @@ class GhlSim:
             and (location_id is None or m.location_id == location_id)
         ]
 
+    def all_tasks(self) -> list[dict[str, Any]]:
+        """Every task of every contact."""
+        return [dict(t) for c in self._contacts.values() for t in c.tasks.values()]
+
+    def all_notes(self) -> list[dict[str, Any]]:
+        """Every note of every contact."""
+        return [dict(n) for c in self._contacts.values() for n in c.notes.values()]
+
     def messages_by_alt_id(self) -> dict[str, int]:
         """How many stored messages carry each altId (a count above 1 is a duplicate)."""
         return dict(Counter(m.alt_id for m in self._messages.values() if m.alt_id is not None))

@@ -51,18 +51,32 @@ class ChangeTags(msgspec.Struct, frozen=True, kw_only=True, tag_field="op", tag=
     remove: list[str] = []
 
 
+class SyncTags(msgspec.Struct, frozen=True, kw_only=True, tag_field="op", tag="ghl.sync_tags"):
+    """Make the contact carry exactly the source's tags among those the bridge set.
+
+    The target adds what is new and removes only tags the bridge itself added before,
+    so tags people add in GHL are left alone.
+    """
+
+    person: str
+    tags: list[str]
+
+
 class AddNote(msgspec.Struct, frozen=True, kw_only=True, tag_field="op", tag="ghl.add_note"):
-    """A note on the contact; its source key is written into the body for reconciliation."""
+    """A note on the contact, made once per source key (written into the body to find it)."""
 
     person: str
     body: str
 
 
 class AddTask(msgspec.Struct, frozen=True, kw_only=True, tag_field="op", tag="ghl.add_task"):
+    """A task on the contact, made once per source key; due ``due`` or ``due_in`` from sending."""
+
     person: str
     title: str
     body: str = ""
-    due: str  # ISO 8601, as GHL requires
+    due: str | None = None  # ISO 8601
+    due_in: float | None = None  # seconds after the task is created
 
 
 class UpdateConversation(
@@ -78,6 +92,7 @@ GhlOp = (
     | EnsureConversation
     | InboundMessage
     | ChangeTags
+    | SyncTags
     | AddNote
     | AddTask
     | UpdateConversation

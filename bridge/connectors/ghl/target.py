@@ -12,7 +12,7 @@ changes and conversation updates are idempotent and simply sent again.
 
 from __future__ import annotations
 
-from datetime import datetime
+from datetime import UTC, datetime, timedelta
 
 import msgspec
 import structlog
@@ -27,6 +27,7 @@ from bridge.connectors.ghl.ops import (
     EnsureConversation,
     GhlOp,
     InboundMessage,
+    SyncTags,
     UpdateConversation,
     UpsertContact,
     decode_op,
@@ -92,12 +93,14 @@ class GhlTarget:
                 contact_id = await self._contact_id(person)
                 notes = await self._client.list_notes(contact_id)
                 tag = marker(op.source_key)
-                return OpResult() if any(tag in (n.body or "") for n in notes) else None
+                note = next((n for n in notes if tag in (n.body or "")), None)
+                return None if note is None else _ids(op.source_key, message_id=note.id)
             case AddTask(person=person):
                 contact_id = await self._contact_id(person)
                 tasks = await self._client.list_tasks(contact_id)
                 tag = marker(op.source_key)
-                return OpResult() if any(tag in (t.body or "") for t in tasks) else None
+                task = next((t for t in tasks if tag in (t.body or "")), None)
+                return None if task is None else _ids(op.source_key, message_id=task.id)
             case _:
                 # Upserts, tag changes and conversation updates are idempotent.
                 return None
@@ -123,21 +126,33 @@ class GhlTarget:
                 if remove:
                     await client.remove_tags(contact_id, remove)
                 return OpResult()
+            case SyncTags():
+                return await self._sync_tags(payload)
             case AddNote(person=person, body=body):
+                if await self._made_before(op):
+                    return OpResult()
                 contact_id = await self._contact_id(person)
                 text = f"{body}\n\n{marker(op.source_key)}"
-                await client.add_note(contact_id, models.NewNote(body=text))
-                return OpResult()
-            case AddTask(person=person, title=title, body=body, due=due):
+                note = await client.add_note(contact_id, models.NewNote(body=text))
+                return _ids(op.source_key, message_id=note.id)
+            case AddTask(person=person, title=title, body=body, due=due, due_in=due_in):
+                if await self._made_before(op):
+                    return OpResult()
                 contact_id = await self._contact_id(person)
+                if due is not None:
+                    due_date = _iso(due)
+                else:
+                    due_date = datetime.fromtimestamp(self._clock.time(), UTC) + timedelta(
+                        seconds=due_in or 0.0
+                    )
                 task = models.NewTask(
                     title=title,
                     body=f"{body}\n\n{marker(op.source_key)}".strip(),
-                    due_date=_iso(due),
+                    due_date=due_date,
                     completed=False,
                 )
-                await client.add_task(contact_id, task)
-                return OpResult()
+                created = await client.add_task(contact_id, task)
+                return _ids(op.source_key, message_id=created.id)
             case UpdateConversation(person=person, unread_count=unread, starred=starred):
                 conversation_id = await self._conversation_id(person)
                 await client.update_conversation(
@@ -145,6 +160,24 @@ class GhlTarget:
                 )
                 return OpResult()
         raise Rejected(f"op kind {op.kind!r} is not a GHL op")  # pragma: no cover
+
+    async def _sync_tags(self, sync: SyncTags) -> OpResult:
+        known = await self._store.id_map(sync.person)
+        before = set(known.tags or ()) if known is not None else set()
+        wanted = set(sync.tags)
+        add, remove = sorted(wanted - before), sorted(before - wanted)
+        if add or remove:
+            contact_id = await self._contact_id(sync.person)
+            if add:
+                await self._client.add_tags(contact_id, add)
+            if remove:
+                await self._client.remove_tags(contact_id, remove)
+        return OpResult(updates=(IdMapUpdate(source_key=sync.person, tags=tuple(sorted(wanted))),))
+
+    async def _made_before(self, op: Op) -> bool:
+        """A note or task is made once per source key, whatever its text says now."""
+        known = await self._store.id_map(op.source_key)
+        return known is not None and known.message_id is not None
 
     async def _inbound(self, op: Op, message: InboundMessage) -> OpResult:
         done = await self._store.id_map(op.source_key)
