@@ -15,6 +15,7 @@ import structlog
 from bridge.clock import Clock, SystemClock
 from bridge.config import ActionNetworkSource, Config, GhlLocation
 from bridge.connectors.actionnetwork import AnClient, AnPeopleStream
+from bridge.connectors.an_taggings import AnTaggingsStream
 from bridge.connectors.an_target import AnWriteBackTarget
 from bridge.connectors.ghl.auth import token_source
 from bridge.connectors.ghl.client import GhlClient, TokenSource
@@ -42,10 +43,14 @@ DONE_RETENTION = 86_400.0
 def stream_names(config: Config) -> list[str]:
     """Every configured stream, named as its cursor is stored.
 
-    An Action Network group is one stream, ``<source>.people``: its activities and tags
-    are read per changed person within the same poll.
+    An Action Network group has ``<source>.people`` (people changed, with their tags and
+    activities) and ``<source>.taggings`` (a full scan for tag changes, which do not touch
+    the person).
     """
     names = [f"{s.name}.people" for s in config.sources.action_network]
+    names += [
+        f"{s.name}.taggings" for s in config.sources.action_network if "taggings" in s.streams
+    ]
     names += [f"{s.name}.{stream}" for s in config.sources.activedemand for stream in s.streams]
     return names
 
@@ -252,6 +257,17 @@ async def open_app(
                     own_fields=flow.own_fields,
                 )
             )
+            if "taggings" in source.streams and backfill is None:
+                streams.append(
+                    AnTaggingsStream(
+                        an_client,
+                        store,
+                        source=source.name,
+                        clock=clock,
+                        mapper=flow,
+                        poll_interval=float(source.taggings_interval),
+                    )
+                )
         log.info(
             "app_ready",
             state=str(store.path),

@@ -212,6 +212,8 @@ class ActionNetworkSource(msgspec.Struct, frozen=True, forbid_unknown_fields=Tru
     poll_interval: Duration = Duration(60.0)
     # How far before the cursor each poll starts, to catch late-indexed records (may be 0).
     overlap: Duration = Duration(120.0)
+    # Pause between full scans of the taggings (tag changes do not touch the person).
+    taggings_interval: Duration = Duration(900.0)
     # Requests per second for this key (AN documents 4).
     rate: PositiveFloat = 4.0
     # Profile in [mapping]; a missing profile means the built-in defaults.

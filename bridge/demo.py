@@ -58,6 +58,7 @@ location = "demo"
 api_key = "{an_key}"
 base_url = "{an_url}/api/v2"
 poll_interval = "1s"
+overlap = "{overlap}"
 
 [[sources.action_network.rules]]
 # Someone tagged "event host" gets a call from the team: a task, a starred conversation.
@@ -88,7 +89,12 @@ class World:
 
 @contextlib.asynccontextmanager
 async def sim_world(
-    directory: Path, *, people: int = 12, seed: int = 7, log_level: str = "warning"
+    directory: Path,
+    *,
+    people: int = 12,
+    seed: int = 7,
+    log_level: str = "warning",
+    overlap: str = "120s",
 ) -> AsyncIterator[World]:
     """Serve a seeded Action Network group and a GHL location; write their config."""
     an, keys = build_an_sim(people=people, seed=seed)
@@ -107,6 +113,7 @@ async def sim_world(
                 source=SOURCE,
                 an_key=keys[0],
                 an_url=an_url,
+                overlap=overlap,
             ),
             encoding="utf-8",
         )

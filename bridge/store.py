@@ -565,6 +565,33 @@ class Store:
             tags=None if row[6] is None else tuple(_json.decode(row[6], type=list[str])),
         )
 
+    async def contact_tags(self, keys: Sequence[str]) -> dict[str, tuple[str, ...]]:
+        """For each key that has a GHL contact: the source tags last applied to it."""
+        found: dict[str, tuple[str, ...]] = {}
+        async with self._read() as conn:
+            for chunk in _chunks(keys):
+                marks = ",".join("?" * len(chunk))
+                async with conn.execute(
+                    f"SELECT source_key, tags FROM id_map WHERE source_key IN ({marks})"
+                    " AND contact_id IS NOT NULL",
+                    tuple(chunk),
+                ) as cur:
+                    for key, tags in await cur.fetchall():
+                        found[key] = () if tags is None else tuple(_json.decode(tags))
+        return found
+
+    async def tagged_keys(self, prefix: str) -> set[str]:
+        """Keys starting with ``prefix`` whose contact carries source tags the bridge set."""
+        async with (
+            self._read() as conn,
+            conn.execute(
+                "SELECT source_key FROM id_map WHERE source_key >= ? AND source_key < ?"
+                " AND tags IS NOT NULL AND tags != '[]'",
+                (prefix, prefix + "\uffff"),
+            ) as cur,
+        ):
+            return {row[0] for row in await cur.fetchall()}
+
     async def id_map_count(self) -> int:
         async with self._read() as conn, conn.execute("SELECT COUNT(*) FROM id_map") as cur:
             row = await cur.fetchone()

@@ -27,6 +27,7 @@ from bridge.config import (
     NotifyRule,
 )
 from bridge.connectors.an_models import ACTIVITY_TYPES, ActivityData, PersonData, person_key
+from bridge.connectors.an_taggings import TagsData
 from bridge.connectors.an_target import WriteBackIds, write_back_op
 from bridge.connectors.ghl.models import InboundType
 from bridge.connectors.ghl.ops import (
@@ -83,6 +84,7 @@ DEFAULT_MESSAGES: Mapping[str, MessageRule] = {
 _INBOUND_TYPES = frozenset(get_args(InboundType))
 _person_decoder = msgspec.json.Decoder(PersonData)
 _activity_decoder = msgspec.json.Decoder(ActivityData)
+_tags_decoder = msgspec.json.Decoder(TagsData)
 
 
 class Message:
@@ -199,6 +201,8 @@ class ActionNetworkFlow:
                 return self.person_ops(_person_decoder.decode(event.data))
             if event.kind == "activity":
                 return self.activity_ops(event.key, _activity_decoder.decode(event.data))
+            if event.kind == "tags":
+                return self.tags_ops(event.key, _tags_decoder.decode(event.data))
         except msgspec.ValidationError as exc:
             raise Rejected(f"unreadable {event.kind} event: {exc}") from None
         raise Rejected(f"no flow for Action Network event kind {event.kind!r}")
@@ -222,9 +226,22 @@ class ActionNetworkFlow:
                 current={f: v for f, v in current.items() if v},
             )
             ops.append(write_back_op(self.an, write))
+        return ops + self._tag_rules(key, person.tags, record)
+
+    def tags_ops(self, key: str, tags: TagsData) -> list[NewOp]:
+        """A tag change found by the taggings scan: sync the tags, fire tag rules."""
+        person = tags.person_key
+        sync = new_op(self.ghl, SyncTags(person=person, tags=tags.tags), source_key=key)
+        record = {"tags": tags.tags, "person_id": tags.person_id}
+        return [sync, *self._tag_rules(person, tags.tags, record)]
+
+    def _tag_rules(
+        self, person: str, tags: Sequence[str], record: Mapping[str, Any]
+    ) -> list[NewOp]:
+        ops: list[NewOp] = []
         for rule in self.rules:
-            if rule.rule.when_tag in person.tags:
-                ops += rule.ops(self.ghl, key, f"{key}:rule:{rule.name}", record)
+            if rule.rule.when_tag in tags:
+                ops += rule.ops(self.ghl, person, f"{person}:rule:{rule.name}", record)
         return ops
 
     def activity_ops(self, key: str, activity: ActivityData) -> list[NewOp]:

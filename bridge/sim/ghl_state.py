@@ -1383,6 +1383,11 @@ class GhlSim:
             and (location_id is None or m.location_id == location_id)
         ]
 
+    def tag_contact(self, contact_id: str, tags: Iterable[str]) -> None:
+        """Add tags to a contact as a user would in the GHL app."""
+        contact = self._contacts[contact_id]
+        contact.tags = list(dict.fromkeys([*contact.tags, *tags]))
+
     def all_tasks(self) -> list[dict[str, Any]]:
         """Every task of every contact."""
         return [dict(t) for c in self._contacts.values() for t in c.tasks.values()]
