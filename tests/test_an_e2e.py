@@ -27,6 +27,10 @@ PEOPLE = 8
 
 async def bridge(world: World, *args: str) -> int:
     """Run ``bridge --config <world> ARGS`` as a process; its output is shown on failure."""
+    return (await bridge_output(world, *args))[0]
+
+
+async def bridge_output(world: World, *args: str) -> tuple[int, str]:
     proc = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
@@ -40,7 +44,7 @@ async def bridge(world: World, *args: str) -> int:
     output, _ = await proc.communicate()
     print(output.decode())
     assert proc.returncode is not None
-    return proc.returncode
+    return proc.returncode, output.decode()
 
 
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
@@ -169,3 +173,29 @@ async def test_new_activity_becomes_one_inbound_message(world: World) -> None:
 async def test_action_network_rate_is_never_exceeded(world: World) -> None:
     assert world.an.max_rate_seen(world.an_key) <= 4
     assert world.an.rate_limited(world.an_key) == 0
+
+
+async def test_map_preview_shows_real_records_without_sending(world: World) -> None:
+    ghl_mark, an_mark = world.ghl.journal.last_seq, world.an.journal.last_seq
+    status, output = await bridge_output(
+        world, "map", "preview", "--source", SOURCE, "--limit", "2"
+    )
+    assert status == 0
+    assert output.count("ghl.upsert_contact") == 2
+    assert '"email":' in output
+    assert world.ghl.journal.select(since=ghl_mark) == []
+    assert all(e.method == "GET" for e in world.an.journal.select(since=an_mark))
+    await asyncio.sleep(1.0)
+
+
+async def test_backfill_of_an_unknown_source_is_a_config_error(world: World) -> None:
+    status, output = await bridge_output(world, "backfill", "nope", "--since", "2024-01-01")
+    assert status == 78
+    assert "no Action Network source named 'nope'" in output
+
+
+async def test_backfill_with_a_bad_date_prints_usage(world: World) -> None:
+    status, output = await bridge_output(world, "backfill", SOURCE, "--since", "last week")
+    assert status == 2
+    assert "usage:" in output
+    assert "expected a date YYYY-MM-DD" in output

@@ -20,6 +20,7 @@ from bridge.connectors.ghl.ops import (
     EnsureConversation,
     GhlOp,
     InboundMessage,
+    SyncTags,
     UpdateConversation,
     UpsertContact,
     new_op,
@@ -228,3 +229,63 @@ async def test_message_for_a_person_without_contact_is_rejected(
     await run(store, ghl_client, ScriptedStream([orphan]))
     (dl,) = await store.dead_letters()
     assert dl.error.startswith("no GHL contact for an:person:9")
+
+
+async def test_tag_sync_adds_new_and_removes_only_its_own(
+    store: Store, ghl_client: GhlClient, ghl_server: GhlServer
+) -> None:
+    """A tag sync diffs against what it set before; tags added in GHL are left alone."""
+    person, ops = person_ops(4, messages=0)
+    await run(
+        store,
+        ghl_client,
+        ScriptedStream([(person, [*ops, (SyncTags(person=person, tags=["a", "b"]), None)])]),
+    )
+    contact_id = ghl_server.sim.contacts(ghl_server.location_id)[0]["id"]
+    ghl_server.sim.tag_contact(contact_id, ["from-ghl"])
+    mark = ghl_server.sim.journal.last_seq
+    stream = ScriptedStream([(person + "#2", [(SyncTags(person=person, tags=["b", "c"]), person)])])
+    await run(store, ghl_client, stream)
+    contact = ghl_server.sim.contacts(ghl_server.location_id)[0]
+    assert sorted(contact["tags"]) == ["b", "c", "from-ghl"]
+    calls = [(e.method, e.route) for e in ghl_server.sim.journal.select(since=mark)]
+    assert calls == [
+        ("POST", "/contacts/{contactId}/tags"),
+        ("DELETE", "/contacts/{contactId}/tags"),
+    ]
+    row = await store.id_map(person)
+    assert row is not None
+    assert row.tags == ("b", "c")
+
+
+async def test_rule_task_and_note_are_made_once_per_key(
+    store: Store, ghl_client: GhlClient, ghl_server: GhlServer
+) -> None:
+    """A task or note keyed by a rule firing is made once, even if its text changes later."""
+    person, ops = person_ops(5, messages=0)
+    task = AddTask(person=person, title="Call back", due_in=3600.0)
+    note = AddNote(person=person, body="Asked for a call")
+    await run(
+        store,
+        ghl_client,
+        ScriptedStream(
+            [(person, [*ops, (task, f"{person}:rule:r:task"), (note, f"{person}:rule:r:note")])]
+        ),
+    )
+    later = ScriptedStream(
+        [
+            (
+                person + "#again",
+                [
+                    (
+                        AddTask(person=person, title="Call back NOW", due_in=60.0),
+                        f"{person}:rule:r:task",
+                    ),
+                    (AddNote(person=person, body="Edited rule text"), f"{person}:rule:r:note"),
+                ],
+            )
+        ]
+    )
+    await run(store, ghl_client, later)
+    assert [t["title"] for t in ghl_server.sim.all_tasks()] == ["Call back"]
+    assert len(ghl_server.sim.all_notes()) == 1

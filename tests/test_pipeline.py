@@ -14,7 +14,7 @@ import pytest
 
 from bridge.clock import SystemClock
 from bridge.errors import Fatal
-from bridge.models import EVENT_KIND, Op
+from bridge.models import EVENT_KIND, NewOp, Op
 from bridge.pipeline import Pipeline, partition_of
 from bridge.shutdown import install_stop_signals
 from bridge.store import Store
@@ -278,3 +278,18 @@ def test_op_is_frozen() -> None:
     )
     with pytest.raises(AttributeError):
         op.attempts = 2  # type: ignore[misc]
+
+
+async def test_op_identical_to_the_last_applied_is_not_sent_again(store: Store) -> None:
+    """An op that would send what its record's last op of that kind sent completes unsent."""
+    target = FakeTarget()
+    same = NewOp(target="fake:main", entity="e", kind="k", source_key="s", payload=b'{"v":1}')
+    changed = NewOp(target="fake:main", entity="e", kind="k", source_key="s", payload=b'{"v":2}')
+    runs = []
+    for ops in ([same], [same], [changed]):
+        await store.commit_page("fake.records", None, ops, now=0.0)
+        pipeline = Pipeline(store, [], {"fake:main": target}, settings(), SystemClock())
+        await asyncio.wait_for(pipeline.run(once=True), 10)
+        runs.append((pipeline.summary.ops_sent, pipeline.summary.ops_unchanged))
+    assert runs == [(1, 0), (0, 1), (1, 0)]
+    assert len(target.sent) == 2
