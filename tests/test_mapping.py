@@ -9,6 +9,7 @@ from pathlib import Path
 import msgspec
 import pytest
 
+from bridge.app import compile_flows
 from bridge.config import FieldRule, MappingProfile, load_config
 from bridge.errors import ConfigError, Rejected
 from bridge.mapping import ContactMapping, compile_profiles, e164, preview, resolve
@@ -16,6 +17,8 @@ from bridge.mapping import ContactMapping, compile_profiles, e164, preview, reso
 PERSON = {
     "given_name": " Ada ",
     "family_name": "Lovelace",
+    "email": "ADA@Example.org",
+    "phone": "(503) 555-0142",
     "email_addresses": [{"address": "ADA@Example.org", "primary": True}],
     "phone_numbers": [{"number": "(503) 555-0142"}],
     "postal_addresses": [{"locality": "Portland", "region": "or", "postal_code": "97201"}],
@@ -41,6 +44,7 @@ def test_example_profiles_compile_and_map(tmp_path: Path) -> None:
     (tmp_path / "ghl_client_secret").write_text("secret-value\n")
     env = {"GHL_MAIN_TOKEN": "tok-123456", "AN_MAIN_KEY": "key-123456", "AD_MAIN_KEY": "key-654321"}
     config = load_config(tmp_path / "config.toml", env={**os.environ, **env})
+    compile_flows(config)  # its rules and message templates compile too
     compiled = compile_profiles(config.mapping)
     body = msgspec.json.decode(msgspec.json.encode(compiled["action_network"].upsert(PERSON)))
     assert body == {
