@@ -28,6 +28,8 @@ from bridge.preview import map_preview
 from bridge.redact import redact
 from bridge.rest import make_session
 from bridge.sim.actionnetwork import build_app as build_an_app
+from bridge.sim.activedemand import build_app as build_ad_app
+from bridge.sim.ad_data import build_sim as build_ad_sim
 from bridge.sim.an_data import build_sim as build_an_sim
 from bridge.sim.common import run_forever
 from bridge.sim.ghl import build_app as build_ghl_app
@@ -105,13 +107,18 @@ def build_parser() -> argparse.ArgumentParser:
     )
 
     sim = commands.add_parser("sim", help="run a local API simulator (no config needed)")
-    sim.add_argument("api", choices=["ghl", "actionnetwork"], help="which API to simulate")
+    sim.add_argument(
+        "api", choices=["ghl", "actionnetwork", "activedemand"], help="which API to simulate"
+    )
     sim.add_argument("--port", type=_port, default=0, help="port on 127.0.0.1 (0 = any free)")
     sim.add_argument(
         "--location-id", default="simLocation000000001", help="GHL: location to create"
     )
     sim.add_argument(
-        "--people", type=_positive_int, default=200, help="Action Network: people to seed"
+        "--people",
+        type=_positive_int,
+        default=200,
+        help="Action Network: people to seed; ActiveDEMAND: contacts",
     )
     return parser
 
@@ -253,6 +260,11 @@ def _run_sim(args: argparse.Namespace) -> int:
         # The simulator's own throwaway key, printed so a local bridge can be pointed at it.
         print(f"Action Network simulator: {args.people} people, API key {keys[0]}", flush=True)
         run_forever(build_an_app(an_sim), args.port)
+        return 0
+    if args.api == "activedemand":
+        ad_sim, ad_key = build_ad_sim(contacts=args.people)
+        print(f"ActiveDEMAND simulator: {args.people} contacts, API key {ad_key}", flush=True)
+        run_forever(build_ad_app(ad_sim), args.port)
         return 0
     sim = GhlSim()
     sim.add_location(args.location_id)
