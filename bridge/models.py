@@ -102,6 +102,8 @@ class IdMapUpdate(msgspec.Struct, frozen=True, kw_only=True):
     message_id: str | None = None
     # The source tags now on the contact (a tag sync's result).
     tags: tuple[str, ...] | None = None
+    # Where an uploaded attachment lives in the target.
+    url: str | None = None
 
 
 class OpResult(msgspec.Struct, frozen=True, kw_only=True):
@@ -120,6 +122,7 @@ class IdMapRow(msgspec.Struct, frozen=True, kw_only=True):
     content_hash: str | None
     updated_at: float
     tags: tuple[str, ...] | None = None
+    url: str | None = None
 
 
 class Rejection(msgspec.Struct, frozen=True, kw_only=True):

@@ -128,6 +128,10 @@ MIGRATIONS: tuple[str, ...] = (
     );
     ALTER TABLE id_map ADD COLUMN tags TEXT;
     """,
+    # Where an uploaded attachment now lives in GHL, for the message that references it.
+    """
+    ALTER TABLE id_map ADD COLUMN url TEXT;
+    """,
 )
 
 _OP_COLUMNS = (
@@ -446,13 +450,14 @@ class Store:
         tags = None if update.tags is None else _json.encode(sorted(update.tags)).decode()
         await conn.execute(
             "INSERT INTO id_map (source_key, contact_id, conversation_id, message_id,"
-            " content_hash, tags, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?)"
+            " content_hash, tags, url, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)"
             " ON CONFLICT (source_key) DO UPDATE SET"
             " contact_id = COALESCE(excluded.contact_id, contact_id),"
             " conversation_id = COALESCE(excluded.conversation_id, conversation_id),"
             " message_id = COALESCE(excluded.message_id, message_id),"
             " content_hash = COALESCE(excluded.content_hash, content_hash),"
             " tags = COALESCE(excluded.tags, tags),"
+            " url = COALESCE(excluded.url, url),"
             " updated_at = excluded.updated_at",
             (
                 update.source_key,
@@ -461,6 +466,7 @@ class Store:
                 update.message_id,
                 digest,
                 tags,
+                update.url,
                 now,
             ),
         )
@@ -548,7 +554,7 @@ class Store:
             self._read() as conn,
             conn.execute(
                 "SELECT source_key, contact_id, conversation_id, message_id, content_hash,"
-                " updated_at, tags FROM id_map WHERE source_key = ?",
+                " updated_at, tags, url FROM id_map WHERE source_key = ?",
                 (source_key,),
             ) as cur,
         ):
@@ -563,6 +569,7 @@ class Store:
             content_hash=row[4],
             updated_at=row[5],
             tags=None if row[6] is None else tuple(_json.decode(row[6], type=list[str])),
+            url=row[7],
         )
 
     async def contact_tags(self, keys: Sequence[str]) -> dict[str, tuple[str, ...]]:

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import msgspec
 import pytest
+from aiohttp import web
 
 from bridge.clock import SystemClock
 from bridge.connectors.ghl.client import GhlClient
@@ -22,13 +23,15 @@ from bridge.connectors.ghl.ops import (
     InboundMessage,
     SyncTags,
     UpdateConversation,
+    UpdateMessageStatus,
+    UploadAttachment,
     UpsertContact,
     new_op,
 )
 from bridge.connectors.ghl.target import GhlTarget, marker
 from bridge.models import NewOp, Page, SourceEvent, content_hash
 from bridge.pipeline import Pipeline
-from bridge.sim.common import FaultRule
+from bridge.sim.common import FaultRule, serve
 from bridge.store import Store
 from tests.conftest import GhlServer
 from tests.fakes import settings
@@ -289,3 +292,61 @@ async def test_rule_task_and_note_are_made_once_per_key(
     await run(store, ghl_client, later)
     assert [t["title"] for t in ghl_server.sim.all_tasks()] == ["Call back"]
     assert len(ghl_server.sim.all_notes()) == 1
+
+
+PNG = bytes.fromhex(
+    "89504e470d0a1a0a0000000d4948445200000001000000010806000000"
+    "1f15c4890000000d4944415478da63f8ffff3f0005fe02fea7d6a4c50000000049454e44ae426082"
+)
+
+
+@pytest.fixture
+async def files() -> AsyncIterator[str]:
+    """A source file host: what a source's attachment URLs point at."""
+
+    async def serve_file(request: web.Request) -> web.Response:
+        name = request.match_info["name"]
+        body = PNG if name.endswith(".png") else b"MZ" + bytes(64)
+        return web.Response(body=body, content_type="application/octet-stream")
+
+    app = web.Application()
+    app.router.add_get("/files/{name}", serve_file)
+    async with serve(app) as url:
+        yield url
+
+
+async def test_media_is_uploaded_and_a_refused_file_does_not_block_the_text(
+    store: Store, ghl_client: GhlClient, ghl_server: GhlServer, files: str
+) -> None:
+    person, ops = person_ops(6, messages=0)
+    image = UploadAttachment(person=person, url=f"{files}/files/flyer.png", file_name="flyer.png")
+    program = UploadAttachment(
+        person=person, url=f"{files}/files/invoice.exe", file_name="invoice.exe", size=66
+    )
+    message = InboundMessage(
+        person=person, message="See attached", attachment_keys=["m1:att:0", "m1:att:1"]
+    )
+    stream = ScriptedStream(
+        [(person, [*ops, (image, "m1:att:0"), (program, "m1:att:1"), (message, "m1")])]
+    )
+    pipeline = await run(store, ghl_client, stream)
+    assert pipeline.summary.dead_lettered == 1
+    (letter,) = await store.dead_letters(limit=5)
+    assert letter.source_key == "m1:att:1"
+    assert "type .exe, which GHL does not accept" in letter.error
+    (delivered,) = ghl_server.sim.messages(location_id=ghl_server.location_id)
+    assert delivered["body"] == "See attached"
+    assert len(delivered["attachments"]) == 1
+    uploads = ghl_server.sim.journal.count(method="POST", route="/conversations/messages/upload")
+    assert uploads == 1  # the refused file cost no GHL call
+    assert not list((store.path.parent / "media").iterdir())  # nothing left on disk
+
+
+async def test_delivery_status_is_mirrored_to_the_message(
+    store: Store, ghl_client: GhlClient, ghl_server: GhlServer
+) -> None:
+    person, ops = person_ops(7, messages=1)
+    status = UpdateMessageStatus(person=person, message_key="an:sub:7:0", status="read")
+    await run(store, ghl_client, ScriptedStream([(person, [*ops, (status, "an:sub:7:0:status")])]))
+    (message,) = ghl_server.sim.messages(location_id=ghl_server.location_id)
+    assert message["status"] == "read"

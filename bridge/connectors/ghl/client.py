@@ -8,7 +8,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequenc
 from contextlib import AbstractAsyncContextManager
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
-from urllib.parse import quote
+from urllib.parse import quote, urlsplit
 
 import aiohttp
 import msgspec
@@ -285,6 +285,17 @@ class GhlClient:
             "POST", path, write=True, form=lambda: media.upload_form(checked, fields)
         )
         return rest.decode_body(models.UploadResult, response, write=True, where=f"POST {path}")
+
+    async def fetch_to_file(self, url: str, dest: Path) -> int:
+        """Download a source file to ``dest`` without GHL credentials, up to the upload limit."""
+        where = f"GET {urlsplit(url).path or '/'}"
+        response = await media.open_stream(self._session, url, {}, None, self._clock, where)
+        try:
+            return await media.stream_to_file(
+                response, dest, max_bytes=self.max_upload_bytes, where=where
+            )
+        finally:
+            response.release()
 
     async def update_message_status(
         self,

@@ -26,6 +26,7 @@ __all__ = [
     "DEFAULT_MAX_UPLOAD_BYTES",
     "CheckedFile",
     "Upload",
+    "check_file",
     "check_uploads",
     "decode_transcription",
     "open_stream",
@@ -82,12 +83,26 @@ class CheckedFile(NamedTuple):
     start: int
 
 
+def check_file(name: str, size: int | None, max_bytes: int) -> None:
+    """Refuse (``Rejected``) a file of a type GHL does not take, or over ``max_bytes``."""
+    ext = name.rsplit(".", 1)[-1].lower() if "." in name else ""
+    if ext not in ALLOWED_EXTENSIONS:
+        shown = f".{ext}" if ext else "no extension"
+        allowed = ", ".join(sorted(ALLOWED_EXTENSIONS))
+        raise Rejected(
+            f"attachment {name!r} has type {shown}, which GHL does not accept (allowed: {allowed})"
+        )
+    if size is not None and size > max_bytes:
+        raise Rejected(
+            f"attachment {name!r} is {size} bytes, over the upload limit of {max_bytes} bytes"
+        )
+
+
 async def check_uploads(files: Sequence[Upload], max_bytes: int) -> list[CheckedFile]:
     """Refuse (``Rejected``) a file of a type GHL does not take or over ``max_bytes``."""
     if not files:
         raise Rejected("upload needs at least one file")
     checked = []
-    allowed = ", ".join(sorted(ALLOWED_EXTENSIONS))
     for item in files:
         source: Path | BinaryIO
         if isinstance(item, tuple):
@@ -102,17 +117,7 @@ async def check_uploads(files: Sequence[Upload], max_bytes: int) -> list[Checked
                 size = (await anyio.Path(path).stat()).st_size
             except OSError as exc:
                 raise Rejected(f"attachment {name!r} cannot be read: {exc.strerror}") from None
-        ext = name.rsplit(".", 1)[-1].lower() if "." in name else ""
-        if ext not in ALLOWED_EXTENSIONS:
-            shown = f".{ext}" if ext else "no extension"
-            raise Rejected(
-                f"attachment {name!r} has type {shown}, which GHL does not accept "
-                f"(allowed: {allowed})"
-            )
-        if size > max_bytes:
-            raise Rejected(
-                f"attachment {name!r} is {size} bytes, over the upload limit of {max_bytes} bytes"
-            )
+        check_file(name, size, max_bytes)
         checked.append(CheckedFile(name, size, source, start))
     return checked
 

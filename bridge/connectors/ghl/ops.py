@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import msgspec
 
-from bridge.connectors.ghl.models import ContactUpsert, InboundType
+from bridge.connectors.ghl.models import ContactUpsert, InboundType, ProviderStatus
 from bridge.models import NewOp
 
 
@@ -42,7 +42,37 @@ class InboundMessage(
     subject: str | None = None
     html: str | None = None
     attachments: list[str] = []
+    # Source keys of UploadAttachment ops queued before this message: their GHL URLs are
+    # added to ``attachments``; one that was dead-lettered is left out, the text still goes.
+    attachment_keys: list[str] = []
     conversation_provider_id: str | None = None
+
+
+class UploadAttachment(
+    msgspec.Struct, frozen=True, kw_only=True, tag_field="op", tag="ghl.upload_attachment"
+):
+    """Copy a source file into the person's conversation (``POST .../messages/upload``).
+
+    The file is streamed from ``url`` to the state directory and from there to GHL; a
+    type GHL refuses or a file over the limit is rejected before any byte is fetched
+    when ``size`` says so, and otherwise as soon as the download passes the limit.
+    """
+
+    person: str
+    url: str
+    file_name: str
+    size: int | None = None
+
+
+class UpdateMessageStatus(
+    msgspec.Struct, frozen=True, kw_only=True, tag_field="op", tag="ghl.update_message_status"
+):
+    """Mirror a message's delivery status; ``message_key`` is the message's source key."""
+
+    person: str
+    message_key: str
+    status: ProviderStatus
+    error: str | None = None
 
 
 class ChangeTags(msgspec.Struct, frozen=True, kw_only=True, tag_field="op", tag="ghl.change_tags"):
@@ -96,6 +126,8 @@ GhlOp = (
     | AddNote
     | AddTask
     | UpdateConversation
+    | UploadAttachment
+    | UpdateMessageStatus
 )
 
 _encoder = msgspec.json.Encoder()

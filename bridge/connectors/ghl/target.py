@@ -13,13 +13,16 @@ changes and conversation updates are idempotent and simply sent again.
 from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 
+import anyio
 import msgspec
 import structlog
 
 from bridge.clock import Clock
 from bridge.connectors.ghl import models
 from bridge.connectors.ghl.client import GhlClient
+from bridge.connectors.ghl.media import check_file
 from bridge.connectors.ghl.ops import (
     AddNote,
     AddTask,
@@ -29,6 +32,8 @@ from bridge.connectors.ghl.ops import (
     InboundMessage,
     SyncTags,
     UpdateConversation,
+    UpdateMessageStatus,
+    UploadAttachment,
     UpsertContact,
     decode_op,
 )
@@ -153,6 +158,17 @@ class GhlTarget:
                 )
                 created = await client.add_task(contact_id, task)
                 return _ids(op.source_key, message_id=created.id)
+            case UploadAttachment():
+                return await self._upload(op, payload)
+            case UpdateMessageStatus(message_key=key, status=status, error=error):
+                sent = await self._store.id_map(key)
+                if sent is None or sent.message_id is None:
+                    raise Rejected(f"no GHL message for {key}: it was not delivered")
+                problem = None
+                if error:
+                    problem = models.MessageError(code="source", type="delivery", message=error)
+                await client.update_message_status(sent.message_id, status, error=problem)
+                return OpResult()
             case UpdateConversation(person=person, unread_count=unread, starred=starred):
                 conversation_id = await self._conversation_id(person)
                 await client.update_conversation(
@@ -174,6 +190,30 @@ class GhlTarget:
                 await self._client.remove_tags(contact_id, remove)
         return OpResult(updates=(IdMapUpdate(source_key=sync.person, tags=tuple(sorted(wanted))),))
 
+    async def _upload(self, op: Op, upload: UploadAttachment) -> OpResult:
+        done = await self._store.id_map(op.source_key)
+        if done is not None and done.url is not None:
+            return OpResult()
+        client = self._client
+        # Checked before the download when the source declares a size, and while
+        # downloading otherwise: a refused file never costs a GHL call.
+        check_file(upload.file_name, upload.size, client.max_upload_bytes)
+        contact_id = await self._contact_id(upload.person)
+        conversation_id = await self._conversation_id(upload.person)
+        media_dir = self._store.path.parent / "media"
+        await anyio.Path(media_dir).mkdir(mode=0o700, exist_ok=True)
+        # The op id keeps concurrent uploads of same-named files apart.
+        local = media_dir / f"{op.id}-{Path(upload.file_name).name}"
+        try:
+            await client.fetch_to_file(upload.url, local)
+            result = await client.upload_attachments(conversation_id, contact_id, [local])
+        finally:
+            await anyio.Path(local).unlink(missing_ok=True)
+        url = next(iter(result.uploaded_files.values()), None)
+        if url is None:
+            raise InDoubt(f"upload of {upload.file_name!r} answered without a URL")
+        return OpResult(updates=(IdMapUpdate(source_key=op.source_key, url=url),))
+
     async def _made_before(self, op: Op) -> bool:
         """A note or task is made once per source key, whatever its text says now."""
         known = await self._store.id_map(op.source_key)
@@ -185,6 +225,11 @@ class GhlTarget:
             return OpResult()  # delivered before (a replay or a re-queued record)
         contact_id = await self._contact_id(message.person)
         conversation_id = await self._conversation_id(message.person)
+        attachments = list(message.attachments)
+        for key in message.attachment_keys:
+            uploaded = await self._store.id_map(key)
+            if uploaded is not None and uploaded.url is not None:
+                attachments.append(uploaded.url)
         processed = await self._client.add_inbound_message(
             models.InboundMessage(
                 type=message.type,
@@ -194,7 +239,7 @@ class GhlTarget:
                 message=message.message,
                 subject=message.subject,
                 html=message.html,
-                attachments=tuple(message.attachments) or None,
+                attachments=tuple(attachments) or None,
                 date=_iso(message.date) if message.date else None,
                 conversation_provider_id=message.conversation_provider_id,
             )
