@@ -13,6 +13,7 @@ from typing import Annotated, Any, Final, Literal, Union, get_args, get_origin
 
 import msgspec
 
+from bridge.connectors.ad_feeds import Feeds
 from bridge.errors import ConfigError
 from bridge.secrets import Secret, resolve_secret
 
@@ -233,6 +234,11 @@ class ActiveDemandSource(msgspec.Struct, frozen=True, forbid_unknown_fields=True
     api_key: Secret
     # Partner X-Application-Api-Key, when the account requires one.
     application_key: Secret | None = None
+    # Where the key goes: "header" (x-api-key) or "query" (api-key=, the older form).
+    auth_mode: Literal["header", "query"] = "header"
+    # The REST feeds the bridge reads; the conversation, message and history ones are a
+    # PROPOSED contract (not public), adjustable here without code changes.
+    feeds: Feeds = msgspec.field(default_factory=Feeds)
     # API root; points at the simulator in tests.
     base_url: str = "https://api.activedemand.com/v1"
     # Which resources to poll; only contacts has a confirmed API.

@@ -1,0 +1,364 @@
+"""ActiveDEMAND source streams: every contact each poll, and changed conversations with
+their new messages (the PROPOSED feeds).
+
+The client lives in :mod:`bridge.connectors.ad_client` and is re-exported here, so
+``bridge.connectors.activedemand`` is the one module the composition root imports.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import OrderedDict
+from collections.abc import AsyncGenerator, Callable, Sequence
+from datetime import UTC, datetime, timedelta
+
+import msgspec
+import structlog
+
+from bridge.clock import Clock
+from bridge.config import ActiveDemandSource
+from bridge.connectors.ad_client import APP_KEY_HEADER, AdClient, AuthMode, Entry, format_time
+from bridge.connectors.ad_files import DEFAULT_MAX_ATTACHMENT_BYTES, DEFAULT_MAX_RECORDING_BYTES
+from bridge.connectors.ad_models import (
+    ContactData,
+    ConversationData,
+    MessageData,
+    WireConversation,
+    contact_key,
+    conversation_data,
+    conversation_key,
+    is_settled,
+    message_data,
+    message_key,
+)
+from bridge.errors import Fatal
+from bridge.models import NewOp, Page, SourceEvent, content_hash
+
+__all__ = [
+    "APP_KEY_HEADER",
+    "DEFAULT_INDEX_LAG",
+    "DEFAULT_MAX_ATTACHMENT_BYTES",
+    "DEFAULT_MAX_RECORDING_BYTES",
+    "DEFAULT_OVERLAP",
+    "AdClient",
+    "AdContactsStream",
+    "AdConversationsStream",
+    "AuthMode",
+    "Entry",
+    "Mapper",
+    "format_time",
+    "parse_cursor",
+    "unmapped",
+]
+
+log = structlog.get_logger("bridge.connectors.activedemand")
+
+Mapper = Callable[[SourceEvent], Sequence[NewOp]]
+
+DEFAULT_OVERLAP = 120.0
+DEFAULT_INDEX_LAG = 5.0
+"""Seconds the signpost stays behind the poll start, in case the feed's filter lags writes."""
+DEFAULT_SETTLE_AFTER = 86_400.0
+DEFAULT_TRACKED = 10_000
+
+_ENCODER = msgspec.json.Encoder(order="deterministic")
+_EPOCH = datetime.min.replace(tzinfo=UTC)
+
+
+def unmapped(event: SourceEvent) -> Sequence[NewOp]:
+    """The default mapper: no ops, until the ActiveDEMAND flows are passed in as ``mapper``."""
+    return []
+
+
+def parse_cursor(cursor: str, *, stream: str) -> datetime:
+    """A stored cursor back as an aware UTC datetime; anything else is an operator problem."""
+    try:
+        parsed = datetime.fromisoformat(cursor)
+    except ValueError:
+        raise Fatal(f"{stream}: stored cursor {cursor!r} is not an ISO timestamp") from None
+    return parsed.replace(tzinfo=UTC) if parsed.tzinfo is None else parsed.astimezone(UTC)
+
+
+def _event(
+    stream: str, key: str, kind: str, data: msgspec.Struct, hashed: msgspec.Struct | None = None
+) -> SourceEvent:
+    raw = _ENCODER.encode(data)
+    digest = content_hash(raw if hashed is None else _ENCODER.encode(hashed))
+    return SourceEvent(stream=stream, key=key, kind=kind, data=raw, content_hash=digest)
+
+
+# --------------------------------------------------------------------------- contacts stream
+
+
+class AdContactsStream:
+    """Every contact of the account, read whole on each poll (no change filter exists).
+
+    Each API page becomes one :class:`Page`, so memory stays one page deep whatever the
+    account's size; every contact is emitted and the pipeline drops those whose content
+    hash was already delivered. The last, empty page carries the scan's finish time as
+    the cursor: informational only, since the next scan starts from the top anyway.
+    ``own_fields`` (custom fields the bridge itself writes) are left out of the hash, so
+    a write-back does not read as a change to send again.
+    """
+
+    def __init__(
+        self,
+        client: AdClient,
+        *,
+        source: str,
+        clock: Clock,
+        mapper: Mapper = unmapped,
+        poll_interval: float = 900.0,
+        own_fields: frozenset[str] = frozenset(),
+    ) -> None:
+        self.source = source
+        self.name = f"{source}.contacts"
+        self.poll_interval = poll_interval
+        self._client = client
+        self._clock = clock
+        self._mapper = mapper
+        self._own_fields = own_fields
+
+    @classmethod
+    def from_config(
+        cls,
+        source: ActiveDemandSource,
+        client: AdClient,
+        *,
+        clock: Clock,
+        mapper: Mapper = unmapped,
+        own_fields: frozenset[str] = frozenset(),
+    ) -> AdContactsStream:
+        return cls(
+            client,
+            source=source.name,
+            clock=clock,
+            mapper=mapper,
+            poll_interval=float(source.poll_interval),
+            own_fields=own_fields,
+        )
+
+    def transform(self, event: SourceEvent) -> Sequence[NewOp]:
+        return self._mapper(event)
+
+    async def pages(self, cursor: str | None) -> AsyncGenerator[Page, None]:
+        started = self._clock.monotonic()
+        count = 0
+        async for contacts in self._client.contact_pages():
+            count += len(contacts)
+            yield Page(events=[self._event(c) for c in contacts], cursor=None)
+        log.info(
+            "ad_contacts_scanned",
+            contacts=count,
+            seconds=round(self._clock.monotonic() - started, 3),
+        )
+        yield Page(events=[], cursor=format_time(self._clock.time()))
+
+    def _event(self, contact: ContactData) -> SourceEvent:
+        hashed = None
+        if self._own_fields & contact.custom.keys():
+            custom = {k: v for k, v in contact.custom.items() if k not in self._own_fields}
+            hashed = msgspec.structs.replace(contact, custom=custom)
+        return _event(self.name, contact_key(self.source, contact.id), "contact", contact, hashed)
+
+
+# --------------------------------------------------------------------------- conversations stream
+
+
+class _Tracked(msgspec.Struct, frozen=True):
+    """What was last read of one conversation: its version and its message watermark."""
+
+    version: str
+    watermark: str | None
+
+
+class _Window:
+    """One poll's bookkeeping: versions seen, the newest change, and any paging shift."""
+
+    def __init__(self) -> None:
+        self.seen: dict[str, str] = {}
+        self.newest: datetime | None = None
+        self.shifted = False
+
+    def first_sight(self, entry: Entry[WireConversation]) -> bool:
+        """Whether to handle this record: not if it is a repeat of one already handled."""
+        before = self.seen.get(entry.id)
+        if before is not None:
+            # Offset paging over a list that reorders on change: the record moved to a
+            # later page, and one that was not yet read may have moved onto a read page.
+            self.shifted = True
+            if before == entry.version:
+                return False
+        self.seen[entry.id] = entry.version
+        if entry.updated is not None and (self.newest is None or entry.updated > self.newest):
+            self.newest = entry.updated
+        return True
+
+
+class AdConversationsStream:
+    """PROPOSED feed: conversations changed since the cursor, each with its new messages.
+
+    A poll lists conversations with ``updated_since = cursor - overlap`` (the filter is
+    inclusive, so a change in the cursor's own second is not lost), and stores as cursor
+    ``min(newest updated_at seen, signpost)``: server time, so clock skew cannot skip
+    records, never past the poll start. Without an updated field in the feed config the
+    cursor is the signpost and changes are told by content hash. If offset paging
+    shifted during the walk (a conversation seen twice), the cursor stays put, so the
+    next poll re-reads the window instead of losing the record that slid past.
+
+    Messages: each conversation's events come right after its own, sorted by created.
+    What was read of each conversation is kept **in memory**, in a bounded LRU: its
+    version (skip the messages request when unchanged, as the overlap re-lists recent
+    conversations every poll) and a watermark, the id of the last message up to which
+    every message is settled (final status, and a recorded call has its transcription,
+    or older than ``settle_after``). The next read asks ``since_id = watermark``, so
+    messages whose status may still change are re-read (their new status changes their
+    hash) while settled history is not. Why memory, not the cursor or event data: a
+    cursor holding a watermark per conversation grows with every conversation ever
+    active, and reading them back from event data would need the store inside the
+    stream. Losing the map (restart, eviction) costs one whole-conversation read, never
+    a duplicate, because the pipeline drops (key, hash) pairs already delivered. The map
+    is updated only after the page that read those messages has been committed.
+
+    A conversation first read (no watermark) is read whole, so GHL gets its history.
+    With no stored cursor a stream starts at ``first_since``, or at its first signpost.
+    """
+
+    def __init__(
+        self,
+        client: AdClient,
+        *,
+        source: str,
+        clock: Clock,
+        mapper: Mapper = unmapped,
+        poll_interval: float = 60.0,
+        overlap: float = DEFAULT_OVERLAP,
+        index_lag: float = DEFAULT_INDEX_LAG,
+        settle_after: float = DEFAULT_SETTLE_AFTER,
+        tracked: int = DEFAULT_TRACKED,
+        first_since: datetime | None = None,
+    ) -> None:
+        if overlap < 0 or index_lag < 0 or settle_after < 0:
+            raise ValueError("overlap, index_lag and settle_after must not be negative")
+        if tracked < 1:
+            raise ValueError(f"tracked must be at least 1, got {tracked}")
+        self.source = source
+        self.name = f"{source}.conversations"
+        self.poll_interval = poll_interval
+        self._client = client
+        self._clock = clock
+        self._mapper = mapper
+        self._overlap = timedelta(seconds=overlap)
+        self._index_lag = index_lag
+        self._settle_after = settle_after
+        self._capacity = tracked
+        self._first_since = first_since
+        self._tracked: OrderedDict[str, _Tracked] = OrderedDict()
+
+    @classmethod
+    def from_config(
+        cls,
+        source: ActiveDemandSource,
+        client: AdClient,
+        *,
+        clock: Clock,
+        mapper: Mapper = unmapped,
+        poll_interval: float | None = None,
+    ) -> AdConversationsStream:
+        interval = float(source.poll_interval) if poll_interval is None else poll_interval
+        return cls(client, source=source.name, clock=clock, mapper=mapper, poll_interval=interval)
+
+    def transform(self, event: SourceEvent) -> Sequence[NewOp]:
+        return self._mapper(event)
+
+    def signpost(self) -> datetime:
+        """The latest cursor a poll starting now may store."""
+        return datetime.fromtimestamp(math.floor(self._clock.time() - self._index_lag), UTC)
+
+    async def pages(self, cursor: str | None) -> AsyncGenerator[Page, None]:
+        signpost = self.signpost()
+        if cursor is not None:
+            start = parse_cursor(cursor, stream=self.name)
+        else:
+            start = self._first_since or signpost
+        window = _Window()
+        log.info("ad_poll_started", stream=self.name, since=format_time(start - self._overlap))
+        async for batch in self._client.conversation_pages(updated_since=start - self._overlap):
+            events: list[SourceEvent] = []
+            learned: list[tuple[str, _Tracked]] = []
+            for entry in batch:
+                if not window.first_sight(entry):
+                    continue
+                conversation = conversation_data(self.source, entry.id, entry.value)
+                events.append(
+                    self._event(
+                        conversation_key(self.source, entry.id), "conversation", conversation
+                    )
+                )
+                known = self._tracked.get(entry.id)
+                if known is not None and known.version == entry.version:
+                    continue
+                messages, watermark = await self._messages(
+                    conversation, known.watermark if known is not None else None
+                )
+                events += messages
+                learned.append((entry.id, _Tracked(entry.version, watermark)))
+            yield Page(events=events, cursor=None)
+            # Reached only once the consumer has committed the page: a watermark stored
+            # before its messages were durable could skip them after a failed commit.
+            for conversation_id, state in learned:
+                self._remember(conversation_id, state)
+        new_cursor = self._next_cursor(start, signpost, window)
+        log.info(
+            "ad_window_read",
+            stream=self.name,
+            conversations=len(window.seen),
+            cursor=format_time(new_cursor),
+        )
+        yield Page(events=[], cursor=format_time(new_cursor))
+
+    async def _messages(
+        self, conversation: ConversationData, since_id: str | None
+    ) -> tuple[list[SourceEvent], str | None]:
+        """The conversation's messages after ``since_id`` as events, and the new watermark."""
+        read: list[tuple[str, MessageData]] = []
+        async for batch in self._client.message_pages(conversation.id, since_id=since_id):
+            read += [(e.id, message_data(self.source, e.id, e.value, conversation)) for e in batch]
+        now = datetime.fromtimestamp(self._clock.time(), UTC)
+        watermark = since_id
+        for message_id, data in read:  # the feed's order, which since_id follows
+            if not is_settled(data, now=now, settle_after=self._settle_after):
+                break
+            watermark = message_id
+        # Source order for GHL; the sort is stable, so equal times keep the feed's order.
+        ordered = sorted((data for _, data in read), key=lambda m: m.created or _EPOCH)
+        return [self._message_event(m) for m in ordered], watermark
+
+    def _message_event(self, message: MessageData) -> SourceEvent:
+        # Attachment URLs may be signed and change on every read; left in the hash they
+        # would make every poll look like an edit.
+        hashed = msgspec.structs.replace(
+            message,
+            attachments=[msgspec.structs.replace(a, url="") for a in message.attachments],
+        )
+        return self._event(message_key(self.source, message.id), "message", message, hashed)
+
+    def _event(
+        self, key: str, kind: str, data: msgspec.Struct, hashed: msgspec.Struct | None = None
+    ) -> SourceEvent:
+        return _event(self.name, key, kind, data, hashed)
+
+    def _remember(self, conversation_id: str, state: _Tracked) -> None:
+        self._tracked[conversation_id] = state
+        self._tracked.move_to_end(conversation_id)
+        while len(self._tracked) > self._capacity:
+            self._tracked.popitem(last=False)
+
+    def _next_cursor(self, start: datetime, signpost: datetime, window: _Window) -> datetime:
+        if window.shifted:
+            log.warning("ad_conversations_shifted", stream=self.name, cursor=format_time(start))
+            return start
+        if self._client.feeds.conversations.updated_field is None:
+            return max(start, signpost)
+        newest = window.newest if window.newest is not None else start
+        return min(max(newest, start), signpost)
