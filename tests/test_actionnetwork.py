@@ -24,9 +24,6 @@ from bridge.connectors.actionnetwork import (
     MAX_PER_PAGE,
     AnClient,
     AnPeopleStream,
-    Mapper,
-    format_date,
-    unmapped,
 )
 from bridge.connectors.an_models import (
     ACTIVITY_TYPES,
@@ -47,6 +44,7 @@ from bridge.sim.actionnetwork_state import KINDS, AnSim
 from bridge.sim.an_data import ANCHOR, DAY, GeneratedGroup, seed_group
 from bridge.sim.common import FaultRule, JournalEntry, serve
 from bridge.store import Store
+from bridge.streams import Mapper, format_utc, unmapped
 from tests.fakes import settings
 
 KEY = "an-test-key-7c1e52f3a4c2e9d556a1f2e9"
@@ -132,7 +130,7 @@ class AnServer:
         return person_id
 
     def modified(self, person_id: str) -> str:
-        return format_date(datetime.fromtimestamp(self.sim.person(person_id).modified, UTC))
+        return format_utc(datetime.fromtimestamp(self.sim.person(person_id).modified, UTC))
 
     def action(self, kind: str, n: int = 0) -> tuple[str, str]:
         """(uuid, title) of the group's ``n``-th action of a kind (``petitions``...)."""
@@ -192,7 +190,7 @@ def activities_of(pages: Sequence[Page]) -> list[ActivityData]:
 
 
 def an_hour_ago(an: AnServer) -> str:
-    return format_date(datetime.fromtimestamp(an.clock.time() - 3_600, UTC))
+    return format_utc(datetime.fromtimestamp(an.clock.time() - 3_600, UTC))
 
 
 # --------------------------------------------------------------------------- auth
@@ -373,8 +371,8 @@ async def test_cursor_never_passes_the_signpost(an: AnServer) -> None:
     signpost = stream.signpost()
     pages = await drain(stream, an_hour_ago(an))
     assert person_id in people_of(pages)
-    assert pages[-1].cursor == format_date(signpost)
-    assert format_date(signpost) < an.modified(person_id)
+    assert pages[-1].cursor == format_utc(signpost)
+    assert format_utc(signpost) < an.modified(person_id)
 
 
 async def test_index_lag_is_caught_by_the_overlap(an: AnServer) -> None:
@@ -511,7 +509,7 @@ async def test_activities_of_changed_people_carry_their_action_titles(an: AnServ
 async def _per_action_poll(an: AnServer, cursor: str) -> None:
     """The alternative to per-person reads, for the measurement: walk every action instead."""
     client = an.client()
-    window = f"modified_date gt '{format_date(datetime.fromisoformat(cursor) - OVERLAP)}'"
+    window = f"modified_date gt '{format_utc(datetime.fromisoformat(cursor) - OVERLAP)}'"
     changed = [p async for batch in client.pages(Person, "/people", filter=window) for p in batch]
     await client.tag_names()
     for person in changed:
@@ -533,7 +531,7 @@ async def test_activity_strategy_costs_match_the_module_docstring(
     an: AnServer, changed: int, per_person: int, per_action: int
 ) -> None:
     """Requests per poll for N changed people, per person (used) and per action (measured only)."""
-    cursor = format_date(datetime.fromtimestamp(an.clock.time(), UTC))
+    cursor = format_utc(datetime.fromtimestamp(an.clock.time(), UTC))
     an.clock.advance(5)
     actions = [a.id for kind in KINDS for a in an.sim.list_actions(KEY, kind)[0]]
     assert len(actions) == 10
@@ -568,7 +566,7 @@ async def test_backfill_leaves_the_live_cursor_alone(an: AnServer, tmp_path: Pat
         assert summary.events_read == expected > 0
         assert await store.get_cursor(f"{SOURCE}.people") == live
         stored = await store.get_cursor(f"{SOURCE}.people.backfill")
-        assert stored == format_date(datetime.fromtimestamp(newest, UTC))
+        assert stored == format_utc(datetime.fromtimestamp(newest, UTC))
 
 
 async def test_transform_hands_events_to_the_mapper(an: AnServer) -> None:
@@ -674,6 +672,6 @@ async def test_a_garbage_cursor_is_fatal_and_dates_format_to_the_second(an: AnSe
     """A stored cursor that is not a timestamp stops the stream; dates go out to the second."""
     with pytest.raises(Fatal, match=r"an-main\.people: stored cursor 'yesterday'"):
         await drain(an.stream(), "yesterday")
-    assert format_date(datetime(2026, 1, 5, 10, 12, 37, 900_000, tzinfo=UTC)) == (
+    assert format_utc(datetime(2026, 1, 5, 10, 12, 37, 900_000, tzinfo=UTC)) == (
         "2026-01-05T10:12:37Z"
     )

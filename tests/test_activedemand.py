@@ -23,8 +23,6 @@ from bridge.connectors.activedemand import (
     AdContactsStream,
     AdConversationsStream,
     AuthMode,
-    Mapper,
-    format_time,
 )
 from bridge.connectors.ad_feeds import FeedConfig, Feeds
 from bridge.connectors.ad_models import ContactData, ConversationData, MessageData
@@ -39,6 +37,7 @@ from bridge.sim.ad_data import CALL_SCRIPT, SeededAccount, seed_account, tiny_pn
 from bridge.sim.an_data import ANCHOR, DAY
 from bridge.sim.common import serve
 from bridge.store import Store
+from bridge.streams import Mapper, format_utc
 from tests.fakes import FakeTarget, settings
 
 KEY = "ad-test-key-4f1e9a7c2b8d6e0f13579bdf"
@@ -362,7 +361,7 @@ async def test_contacts_scan_yields_a_page_per_api_page_with_stable_hashes(ad: A
     first = await drain(stream, None)
     assert [len(p.events) for p in first] == [50, 50, 20, 0]
     assert [p.cursor for p in first[:-1]] == [None, None, None]
-    assert first[-1].cursor == format_time(ad.clock.time())
+    assert first[-1].cursor == format_utc(ad.clock.time())
     target = ad.seeded.contact_ids[7]
     ad.sim.update_contact(KEY, target, {PHONE: "(503) 555-0199"})
     second = await drain(stream, first[-1].cursor)
@@ -545,12 +544,12 @@ async def test_window_is_cursor_minus_overlap_and_the_cursor_stops_at_the_signpo
     pages = await drain(stream, "2025-12-30T12:00:00Z")
     assert ad.since(seq, CONVERSATIONS_PATH)[0].query["updated_since"] == "2025-12-30T11:58:00Z"
     newest = max(c.updated for c in ad.sim.list_conversations(KEY, limit=1_000))
-    assert pages[-1].cursor == format_time(float(newest))
+    assert pages[-1].cursor == format_utc(float(newest))
     ad.clock.advance(3)
     conv_id = ad.seeded.conversation_ids[1]
     ad.sim.add_message(KEY, conv_id, body="now")
     pages = await drain(stream, pages[-1].cursor)
-    assert pages[-1].cursor == format_time(stream.signpost())
+    assert pages[-1].cursor == format_utc(stream.signpost())
 
 
 async def test_a_paging_shift_keeps_the_cursor_where_it_was(ad: AdServer) -> None:

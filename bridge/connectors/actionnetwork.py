@@ -28,7 +28,7 @@ from __future__ import annotations
 import math
 import random
 from collections import OrderedDict
-from collections.abc import AsyncGenerator, AsyncIterator, Callable, Mapping, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Mapping, Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Any, TypeVar, cast
 from urllib.parse import quote, urlencode, urlsplit
@@ -58,24 +58,20 @@ from bridge.connectors.an_models import (
     utc,
 )
 from bridge.errors import Fatal, Rejected, Retryable
-from bridge.models import NewOp, Page, SourceEvent, content_hash
+from bridge.models import NewOp, Page, SourceEvent
 from bridge.ratelimit import TokenBucket
+from bridge.streams import Mapper, format_utc, make_event, parse_cursor, unmapped
 
 __all__ = [
     "DEFAULT_INDEX_LAG",
     "MAX_PER_PAGE",
     "AnClient",
     "AnPeopleStream",
-    "Mapper",
-    "format_date",
-    "parse_cursor",
-    "unmapped",
 ]
 
 log = structlog.get_logger("bridge.connectors.actionnetwork")
 
 T = TypeVar("T")
-Mapper = Callable[[SourceEvent], Sequence[NewOp]]
 
 MAX_PER_PAGE = 25  # the documented maximum (API_FACTS §4)
 DEFAULT_INDEX_LAG = 5.0
@@ -89,31 +85,6 @@ _ACTION_CACHE_SIZE = 256
 # gt is strict and dates have one-second resolution: one more second keeps the records
 # stamped in the cursor's own second, which may have been written after the last read.
 _SECOND = timedelta(seconds=1)
-# Deterministic key order (custom_fields is a map), so equal content always hashes alike.
-_ENCODER = msgspec.json.Encoder(order="deterministic")
-
-
-def unmapped(event: SourceEvent) -> Sequence[NewOp]:
-    """The default mapper: no ops yet.
-
-    The flows module (written next, by someone else) maps AN events to GHL ops and is
-    passed in as ``mapper``; until it is wired in, events are read and produce nothing.
-    """
-    return []
-
-
-def format_date(value: datetime) -> str:
-    """A timestamp as the API writes it and filters take it: ``2026-01-05T10:12:37Z``."""
-    return utc(value).strftime("%Y-%m-%dT%H:%M:%SZ")
-
-
-def parse_cursor(cursor: str, *, stream: str) -> datetime:
-    """A stored cursor back as an aware UTC datetime; anything else is an operator problem."""
-    try:
-        parsed = datetime.fromisoformat(cursor)
-    except ValueError:
-        raise Fatal(f"{stream}: stored cursor {cursor!r} is not an ISO timestamp") from None
-    return parsed.replace(tzinfo=UTC) if parsed.tzinfo is None else parsed.astimezone(UTC)
 
 
 # --------------------------------------------------------------------------- client
@@ -478,12 +449,12 @@ class AnPeopleStream:
         else:
             start = parse_cursor(cursor, stream=self.name) if cursor is not None else signpost
             lower = start - self._overlap - _SECOND
-        window = f"modified_date gt '{format_date(lower)}'"
+        window = f"modified_date gt '{format_utc(lower)}'"
         self._tags.reset()
         seen: dict[str, datetime | None] = {}
         newest: datetime | None = None
         people = 0
-        log.info("an_poll_started", window=window, signpost=format_date(signpost))
+        log.info("an_poll_started", window=window, signpost=format_utc(signpost))
         async for batch in self._client.pages(Person, "/people", filter=window):
             events: list[SourceEvent] = []
             for person in batch:
@@ -503,8 +474,8 @@ class AnPeopleStream:
                 events.extend(await self._person_events(person, person_id, window))
             yield Page(events=events, cursor=None)
         new_cursor = min(max(newest, start) if newest is not None else start, signpost)
-        log.info("an_window_read", people=people, cursor=format_date(new_cursor))
-        yield Page(events=[], cursor=format_date(new_cursor))
+        log.info("an_window_read", people=people, cursor=format_utc(new_cursor))
+        yield Page(events=[], cursor=format_utc(new_cursor))
         # Reached only once the consumer has committed the cursor page.
         if self._since is None:
             next_lower = new_cursor - self._overlap - _SECOND
@@ -580,9 +551,7 @@ class AnPeopleStream:
     def _event(
         self, key: str, kind: str, data: msgspec.Struct, *, hashed: msgspec.Struct | None = None
     ) -> SourceEvent:
-        raw = _ENCODER.encode(data)
-        digest = content_hash(raw if hashed is None else _ENCODER.encode(hashed))
-        return SourceEvent(stream=self.name, key=key, kind=kind, data=raw, content_hash=digest)
+        return make_event(self.name, key, kind, data, hashed=hashed)
 
 
 _EPOCH = datetime.min.replace(tzinfo=UTC)

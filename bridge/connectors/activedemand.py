@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 from collections import OrderedDict
-from collections.abc import AsyncGenerator, Callable, Sequence
+from collections.abc import AsyncGenerator, Sequence
 from datetime import UTC, datetime, timedelta
 
 import msgspec
@@ -17,7 +17,7 @@ import structlog
 
 from bridge.clock import Clock
 from bridge.config import ActiveDemandSource
-from bridge.connectors.ad_client import APP_KEY_HEADER, AdClient, AuthMode, Entry, format_time
+from bridge.connectors.ad_client import APP_KEY_HEADER, AdClient, AuthMode, Entry
 from bridge.connectors.ad_files import DEFAULT_MAX_ATTACHMENT_BYTES, DEFAULT_MAX_RECORDING_BYTES
 from bridge.connectors.ad_models import (
     ContactData,
@@ -31,8 +31,8 @@ from bridge.connectors.ad_models import (
     message_data,
     message_key,
 )
-from bridge.errors import Fatal
-from bridge.models import NewOp, Page, SourceEvent, content_hash
+from bridge.models import NewOp, Page, SourceEvent
+from bridge.streams import Mapper, format_utc, make_event, parse_cursor, unmapped
 
 __all__ = [
     "APP_KEY_HEADER",
@@ -45,15 +45,9 @@ __all__ = [
     "AdConversationsStream",
     "AuthMode",
     "Entry",
-    "Mapper",
-    "format_time",
-    "parse_cursor",
-    "unmapped",
 ]
 
 log = structlog.get_logger("bridge.connectors.activedemand")
-
-Mapper = Callable[[SourceEvent], Sequence[NewOp]]
 
 DEFAULT_OVERLAP = 120.0
 DEFAULT_INDEX_LAG = 5.0
@@ -61,30 +55,7 @@ DEFAULT_INDEX_LAG = 5.0
 DEFAULT_SETTLE_AFTER = 86_400.0
 DEFAULT_TRACKED = 10_000
 
-_ENCODER = msgspec.json.Encoder(order="deterministic")
 _EPOCH = datetime.min.replace(tzinfo=UTC)
-
-
-def unmapped(event: SourceEvent) -> Sequence[NewOp]:
-    """The default mapper: no ops, until the ActiveDEMAND flows are passed in as ``mapper``."""
-    return []
-
-
-def parse_cursor(cursor: str, *, stream: str) -> datetime:
-    """A stored cursor back as an aware UTC datetime; anything else is an operator problem."""
-    try:
-        parsed = datetime.fromisoformat(cursor)
-    except ValueError:
-        raise Fatal(f"{stream}: stored cursor {cursor!r} is not an ISO timestamp") from None
-    return parsed.replace(tzinfo=UTC) if parsed.tzinfo is None else parsed.astimezone(UTC)
-
-
-def _event(
-    stream: str, key: str, kind: str, data: msgspec.Struct, hashed: msgspec.Struct | None = None
-) -> SourceEvent:
-    raw = _ENCODER.encode(data)
-    digest = content_hash(raw if hashed is None else _ENCODER.encode(hashed))
-    return SourceEvent(stream=stream, key=key, kind=kind, data=raw, content_hash=digest)
 
 
 # --------------------------------------------------------------------------- contacts stream
@@ -152,14 +123,16 @@ class AdContactsStream:
             contacts=count,
             seconds=round(self._clock.monotonic() - started, 3),
         )
-        yield Page(events=[], cursor=format_time(self._clock.time()))
+        yield Page(events=[], cursor=format_utc(self._clock.time()))
 
     def _event(self, contact: ContactData) -> SourceEvent:
         hashed = None
         if self._own_fields & contact.custom.keys():
             custom = {k: v for k, v in contact.custom.items() if k not in self._own_fields}
             hashed = msgspec.structs.replace(contact, custom=custom)
-        return _event(self.name, contact_key(self.source, contact.id), "contact", contact, hashed)
+        return make_event(
+            self.name, contact_key(self.source, contact.id), "contact", contact, hashed=hashed
+        )
 
 
 # --------------------------------------------------------------------------- conversations stream
@@ -282,7 +255,7 @@ class AdConversationsStream:
         else:
             start = self._first_since or signpost
         window = _Window()
-        log.info("ad_poll_started", stream=self.name, since=format_time(start - self._overlap))
+        log.info("ad_poll_started", stream=self.name, since=format_utc(start - self._overlap))
         async for batch in self._client.conversation_pages(updated_since=start - self._overlap):
             events: list[SourceEvent] = []
             learned: list[tuple[str, _Tracked]] = []
@@ -313,9 +286,9 @@ class AdConversationsStream:
             "ad_window_read",
             stream=self.name,
             conversations=len(window.seen),
-            cursor=format_time(new_cursor),
+            cursor=format_utc(new_cursor),
         )
-        yield Page(events=[], cursor=format_time(new_cursor))
+        yield Page(events=[], cursor=format_utc(new_cursor))
 
     async def _messages(
         self, conversation: ConversationData, since_id: str | None
@@ -346,7 +319,7 @@ class AdConversationsStream:
     def _event(
         self, key: str, kind: str, data: msgspec.Struct, hashed: msgspec.Struct | None = None
     ) -> SourceEvent:
-        return _event(self.name, key, kind, data, hashed)
+        return make_event(self.name, key, kind, data, hashed=hashed)
 
     def _remember(self, conversation_id: str, state: _Tracked) -> None:
         self._tracked[conversation_id] = state
@@ -356,7 +329,7 @@ class AdConversationsStream:
 
     def _next_cursor(self, start: datetime, signpost: datetime, window: _Window) -> datetime:
         if window.shifted:
-            log.warning("ad_conversations_shifted", stream=self.name, cursor=format_time(start))
+            log.warning("ad_conversations_shifted", stream=self.name, cursor=format_utc(start))
             return start
         if self._client.feeds.conversations.updated_field is None:
             return max(start, signpost)

@@ -26,7 +26,7 @@ from __future__ import annotations
 import contextlib
 import random
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
-from datetime import UTC, datetime
+from datetime import datetime
 from pathlib import Path
 from typing import Generic, Literal, TypeVar
 from urllib.parse import quote, urlsplit
@@ -61,13 +61,13 @@ from bridge.connectors.ad_models import (
 )
 from bridge.errors import InDoubt, Retryable, TokenExpired
 from bridge.ratelimit import TokenBucket
+from bridge.streams import format_utc
 
 __all__ = [
     "APP_KEY_HEADER",
     "AdClient",
     "AuthMode",
     "Entry",
-    "format_time",
 ]
 
 log = structlog.get_logger("bridge.connectors.activedemand")
@@ -82,12 +82,6 @@ _READ_TRIES = 5
 _BACKOFF_BASE = 0.5
 _BACKOFF_CAP = 30.0
 _FORM_CACHE_TTL = 3_600.0
-
-
-def format_time(value: datetime | float) -> str:
-    """A timestamp as the feeds write it and filters take it: ``2026-01-05T10:12:37Z``."""
-    when = datetime.fromtimestamp(value, UTC) if isinstance(value, int | float) else value
-    return when.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 class Entry(msgspec.Struct, Generic[T], frozen=True, kw_only=True):
@@ -242,7 +236,7 @@ class AdClient:
     ) -> AsyncIterator[list[Entry[WireConversation]]]:
         """Conversations changed since a time (every one, if the feed has no filter)."""
         feed = self.feeds.conversations
-        query = _since(feed, None if updated_since is None else format_time(updated_since))
+        query = _since(feed, None if updated_since is None else format_utc(updated_since))
         async for records in self._walk(feed, "conversations", feed.path, query):
             yield _typed(WireConversation, records, "conversations")
 

@@ -20,14 +20,14 @@ import msgspec
 import structlog
 
 from bridge.clock import Clock
-from bridge.connectors.actionnetwork import AnClient, Mapper, format_date, unmapped
+from bridge.connectors.actionnetwork import AnClient
 from bridge.connectors.an_models import Tagging, href_id, person_key
-from bridge.models import NewOp, Page, SourceEvent, content_hash
+from bridge.models import NewOp, Page, SourceEvent
+from bridge.streams import Mapper, format_utc, make_event, unmapped
 
 log = structlog.get_logger("bridge.actionnetwork")
 
 EVENTS_PER_PAGE = 200
-_ENCODER = msgspec.json.Encoder(order="deterministic")
 
 
 class TagsData(msgspec.Struct, frozen=True, kw_only=True):
@@ -94,14 +94,8 @@ class AnTaggingsStream:
         for at in range(0, len(events), EVENTS_PER_PAGE):
             yield Page(events=events[at : at + EVENTS_PER_PAGE], cursor=None)
         # The cursor only records when the last full scan finished, for `bridge status`.
-        yield Page(events=[], cursor=format_date(started))
+        yield Page(events=[], cursor=format_utc(started))
 
     def _event(self, key: str, person_id: str, tags: list[str]) -> SourceEvent:
-        raw = _ENCODER.encode(TagsData(person_key=key, person_id=person_id, tags=tags))
-        return SourceEvent(
-            stream=self.name,
-            key=f"{self.source}:tags:{person_id}",
-            kind="tags",
-            data=raw,
-            content_hash=content_hash(raw),
-        )
+        data = TagsData(person_key=key, person_id=person_id, tags=tags)
+        return make_event(self.name, f"{self.source}:tags:{person_id}", "tags", data)
