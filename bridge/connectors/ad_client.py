@@ -42,11 +42,9 @@ from bridge.connectors.ad_feeds import FeedConfig, Feeds, KeyedRecord, PageRule,
 from bridge.connectors.ad_files import (
     DEFAULT_MAX_ATTACHMENT_BYTES,
     DEFAULT_MAX_RECORDING_BYTES,
-    body_chunks,
     file_where,
     open_body,
     refused,
-    save_chunks,
 )
 from bridge.connectors.ad_models import (
     ContactData,
@@ -59,6 +57,7 @@ from bridge.connectors.ad_models import (
     WireMessage,
     contact_data,
 )
+from bridge.downloads import body_chunks, save_body
 from bridge.errors import InDoubt, Retryable, TokenExpired
 from bridge.ratelimit import TokenBucket
 from bridge.streams import format_utc
@@ -291,7 +290,7 @@ class AdClient:
 
         async def attempt() -> int:
             async with self._open(self._base + path, api=True, where=where) as response:
-                return await save_chunks(body_chunks(response, max_bytes, where), dest)
+                return await save_body(response, dest, max_bytes=max_bytes, where=where)
 
         return await self._retrying(attempt, path)
 
@@ -320,7 +319,7 @@ class AdClient:
 
         async def attempt() -> int:
             async with self._open(url, api=False, where=where) as response:
-                return await save_chunks(body_chunks(response, max_bytes, where), dest)
+                return await save_body(response, dest, max_bytes=max_bytes, where=where)
 
         return await self._retrying(attempt, urlsplit(url).path)
 

@@ -13,7 +13,7 @@ from urllib.parse import quote, urlsplit
 import aiohttp
 import msgspec
 
-from bridge import rest
+from bridge import downloads, rest
 from bridge.clock import Clock
 from bridge.connectors.ghl import media, models
 from bridge.errors import AlreadyExists, Fatal, Retryable, TokenExpired
@@ -289,13 +289,12 @@ class GhlClient:
     async def fetch_to_file(self, url: str, dest: Path) -> int:
         """Download a source file to ``dest`` without GHL credentials, up to the upload limit."""
         where = f"GET {urlsplit(url).path or '/'}"
-        response = await media.open_stream(self._session, url, {}, None, self._clock, where)
-        try:
-            return await media.stream_to_file(
+        async with downloads.open_body(
+            self._session, url, headers=None, bucket=None, clock=self._clock, where=where
+        ) as response:
+            return await downloads.save_body(
                 response, dest, max_bytes=self.max_upload_bytes, where=where
             )
-        finally:
-            response.release()
 
     async def update_message_status(
         self,
@@ -337,13 +336,15 @@ class GhlClient:
 
         async def attempt(token: str) -> int:
             headers = self._headers(token, path, "*/*")
-            response = await media.open_stream(
-                self._session, self._base + path, headers, self._bucket, self._clock, where
-            )
-            try:
-                return await media.stream_to_file(response, dest, max_bytes=max_bytes, where=where)
-            finally:
-                response.release()
+            async with downloads.open_body(
+                self._session,
+                self._base + path,
+                headers=headers,
+                bucket=self._bucket,
+                clock=self._clock,
+                where=where,
+            ) as response:
+                return await downloads.save_body(response, dest, max_bytes=max_bytes, where=where)
 
         return await self._attempts(False, attempt)
 

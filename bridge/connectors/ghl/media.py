@@ -6,7 +6,7 @@ import asyncio
 import contextlib
 import mimetypes
 import os
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 from typing import BinaryIO, NamedTuple
 
@@ -14,11 +14,8 @@ import aiohttp
 import anyio
 import msgspec
 
-from bridge.clock import Clock
 from bridge.connectors.ghl.models import TranscriptSentence
 from bridge.errors import Rejected, Retryable
-from bridge.ratelimit import TokenBucket
-from bridge.rest import apply_rate_headers, classify, classify_exception, pause_on_429
 
 __all__ = [
     "ALLOWED_EXTENSIONS",
@@ -29,8 +26,6 @@ __all__ = [
     "check_file",
     "check_uploads",
     "decode_transcription",
-    "open_stream",
-    "stream_to_file",
     "upload_form",
 ]
 
@@ -62,11 +57,6 @@ DEFAULT_MAX_UPLOAD_BYTES = 5 * 1024 * 1024
 # Call recordings are WAV (about 1 MB per minute at telephone quality); 100 MB is hours of
 # audio, so anything larger is far more likely a broken response than a real call.
 DEFAULT_MAX_RECORDING_BYTES = 100 * 1024 * 1024
-
-_CHUNK = 64 * 1024
-# A session's total timeout would cut off a long but healthy download; what should fail
-# is a connection that stops delivering bytes.
-_STREAM_TIMEOUT = aiohttp.ClientTimeout(total=None, sock_connect=10.0, sock_read=60.0)
 
 # A path, or (file name, binary file object) sent from its current position.
 Upload = str | os.PathLike[str] | tuple[str, BinaryIO]
@@ -146,75 +136,6 @@ async def upload_form(
             # The part name is given only in the spec's prose (API_FACTS §9.5).
             form.add_field("fileAttachment", handle, filename=item.name, content_type=content_type)
         yield form
-
-
-async def open_stream(
-    session: aiohttp.ClientSession,
-    url: str,
-    headers: Mapping[str, str],
-    bucket: TokenBucket | None,
-    clock: Clock,
-    where: str,
-) -> aiohttp.ClientResponse:
-    """GET ``url`` and return the 2xx response with its body still unread; release it after.
-
-    This is rest.request() (bucket, rate-limit headers, the one status table) for bodies
-    too big to hold in memory.
-    """
-    # Held until the headers arrive: by then the server has counted the request.
-    lease = bucket.lease() if bucket is not None else contextlib.nullcontext()
-    try:
-        async with lease:
-            response = await session.get(url, headers=headers, timeout=_STREAM_TIMEOUT)
-    except (aiohttp.ClientError, OSError, TimeoutError) as exc:
-        raise classify_exception(exc, write=False, where=where) from None
-    lowered = {k.lower(): v for k, v in response.headers.items()}
-    if bucket is not None:
-        apply_rate_headers(bucket, lowered)
-    if response.status < 400:
-        return response
-    try:
-        body = await response.read()
-    except (aiohttp.ClientError, OSError, TimeoutError) as exc:
-        raise classify_exception(exc, write=False, where=where) from None
-    finally:
-        response.release()
-    status = response.status
-    error = classify(status, lowered, body, now=clock.time(), where=where)
-    pause_on_429(bucket, status, error, clock)
-    raise error or Retryable(f"{where}: HTTP {status}")  # classify() maps every status >= 400
-
-
-async def stream_to_file(
-    response: aiohttp.ClientResponse, dest: Path, *, max_bytes: int, where: str
-) -> int:
-    """Write a response body to ``dest`` chunk by chunk; return its size.
-
-    The body goes to ``dest.part`` first and is renamed only when complete, so ``dest``
-    never holds a partial file; the part file is removed on any failure.
-    """
-    part = anyio.Path(dest.with_name(dest.name + ".part"))
-    declared = response.content_length
-    if declared is not None and declared > max_bytes:
-        raise Rejected(f"{where}: body is {declared} bytes, over the cap of {max_bytes} bytes")
-    total = 0
-    done = False
-    try:
-        async with await anyio.open_file(part, "wb") as out:
-            try:
-                async for chunk in response.content.iter_chunked(_CHUNK):
-                    total += len(chunk)
-                    if total > max_bytes:
-                        raise Rejected(f"{where}: body exceeds the cap of {max_bytes} bytes")
-                    await out.write(chunk)
-            except (aiohttp.ClientError, TimeoutError) as exc:
-                raise classify_exception(exc, write=False, where=where) from None
-        await part.rename(dest)
-        done = True
-    finally:
-        if not done:
-            await part.unlink(missing_ok=True)
-    return total
 
 
 def decode_transcription(body: bytes, where: str) -> list[TranscriptSentence]:
