@@ -65,10 +65,9 @@ def an_flow(config: Config, source: ActionNetworkSource) -> ActionNetworkFlow:
     )
 
 
-def compile_flows(config: Config) -> None:
-    """Compile every source's mapping and rules, so a mistake stops the start with its key."""
-    for source in config.sources.action_network:
-        an_flow(config, source)
+def compile_flows(config: Config) -> dict[str, ActionNetworkFlow]:
+    """Every source's flow by source name; a mapping or rule mistake raises ConfigError."""
+    return {source.name: an_flow(config, source) for source in config.sources.action_network}
 
 
 def build_limiters(config: Config, clock: Clock) -> Limiters:
@@ -215,7 +214,7 @@ async def open_app(
             "$.sources.action_network",
             f"no Action Network source named {backfill[0]!r} to backfill (known: {known})",
         )
-    compile_flows(config)
+    flows = compile_flows(config)  # before anything opens: a mistake stops the start
     for secret in config.secret_values():
         register_secret(secret)
     async with Store.open(config.state.path) as store, make_session() as session:
@@ -246,7 +245,7 @@ async def open_app(
             since = backfill[1] if backfill is not None else None
             if backfill is not None and backfill[0] != source.name:
                 continue
-            flow = an_flow(config, source)
+            flow = flows[source.name]
             streams.append(
                 AnPeopleStream.from_config(
                     source,

@@ -15,7 +15,7 @@ from typing import Any, TextIO
 import msgspec
 
 from bridge import __version__
-from bridge.app import open_app, stream_names
+from bridge.app import compile_flows, open_app, stream_names
 from bridge.clock import SystemClock
 from bridge.config import Config, OAuthAuth, load_config
 from bridge.connectors.ghl.auth import OAuthTokens
@@ -206,6 +206,7 @@ async def _dispatch(args: argparse.Namespace, config: Config, out: TextIO) -> in
 
 
 async def _check(config: Config, out: TextIO, *, offline: bool) -> int:
+    compile_flows(config)  # mappings and rules, as `run` would compile them
     streams = stream_names(config)
     out.write(
         f"config OK: {len(config.ghl.locations)} GHL location(s), "

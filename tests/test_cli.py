@@ -276,3 +276,22 @@ def test_sim_actionnetwork_serves_seeded_people() -> None:
         proc.terminate()
         proc.wait(10)
         proc.stdout.close()
+
+
+def test_check_offline_compiles_rules_and_mappings(
+    tmp_path: Path, ghl_sim: SimProcess, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A rule that does nothing is caught by `check --offline`, as `run` would catch it."""
+    extra = """
+[[sources.action_network]]
+name = "an"
+location = "main"
+api_key = "key-1234567890"
+
+[[sources.action_network.rules]]
+name = "r"
+when_tag = "x"
+"""
+    config = write_config(tmp_path, ghl_sim, extra)
+    assert main(["--config", str(config), "check", "--offline"]) == EX_CONFIG
+    assert "rules[0]: does nothing" in capsys.readouterr().err
