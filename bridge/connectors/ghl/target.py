@@ -215,13 +215,15 @@ class GhlTarget:
         return OpResult(updates=(IdMapUpdate(source_key=op.source_key, url=url),))
 
     async def _made_before(self, op: Op) -> bool:
-        """A note or task is made once per source key, whatever its text says now."""
+        """Whether the record under this op's key already exists in GHL (its id is mapped).
+
+        Messages, notes and tasks are made once per source key, whatever their text says now.
+        """
         known = await self._store.id_map(op.source_key)
         return known is not None and known.message_id is not None
 
     async def _inbound(self, op: Op, message: InboundMessage) -> OpResult:
-        done = await self._store.id_map(op.source_key)
-        if done is not None and done.message_id is not None:
+        if await self._made_before(op):
             return OpResult()  # delivered before (a replay or a re-queued record)
         contact_id = await self._contact_id(message.person)
         conversation_id = await self._conversation_id(message.person)
