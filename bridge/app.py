@@ -13,8 +13,10 @@ import msgspec
 import structlog
 
 from bridge.clock import Clock, SystemClock
-from bridge.config import ActionNetworkSource, Config, GhlLocation
+from bridge.config import ActionNetworkSource, ActiveDemandSource, Config, GhlLocation
 from bridge.connectors.actionnetwork import AnClient, AnPeopleStream
+from bridge.connectors.activedemand import AdClient, AdContactsStream, AdConversationsStream
+from bridge.connectors.ad_target import AdTarget
 from bridge.connectors.an_taggings import AnTaggingsStream
 from bridge.connectors.an_target import AnWriteBackTarget
 from bridge.connectors.ghl.auth import token_source
@@ -23,6 +25,7 @@ from bridge.connectors.ghl.probe import ScopeCheck, check_location
 from bridge.connectors.ghl.target import GhlTarget
 from bridge.errors import AuthError, ConfigError
 from bridge.flows.action_network import ActionNetworkFlow
+from bridge.flows.activedemand import ActiveDemandFlow
 from bridge.models import BudgetRow
 from bridge.pipeline import Pipeline, RunSummary, Stream, Target
 from bridge.ratelimit import Limiters
@@ -45,7 +48,8 @@ def stream_names(config: Config) -> list[str]:
 
     An Action Network group has ``<source>.people`` (people changed, with their tags and
     activities) and ``<source>.taggings`` (a full scan for tag changes, which do not touch
-    the person).
+    the person). An ActiveDEMAND account has ``<source>.contacts`` (a full scan) and
+    ``<source>.conversations`` (changed conversations with their new messages).
     """
     names = [f"{s.name}.people" for s in config.sources.action_network]
     names += [
@@ -65,9 +69,29 @@ def an_flow(config: Config, source: ActionNetworkSource) -> ActionNetworkFlow:
     )
 
 
-def compile_flows(config: Config) -> dict[str, ActionNetworkFlow]:
-    """Every source's flow by source name; a mapping or rule mistake raises ConfigError."""
-    return {source.name: an_flow(config, source) for source in config.sources.action_network}
+def ad_flow(config: Config, source: ActiveDemandSource) -> ActiveDemandFlow:
+    """The compiled flow of one account (raises ConfigError naming a bad mapping or rule)."""
+    return ActiveDemandFlow(
+        source,
+        config.mapping.get(source.mapping),
+        ghl_target=ghl_target_name(source.location),
+        ad_target=ad_target_name(source.name),
+    )
+
+
+class Flows(msgspec.Struct, frozen=True, kw_only=True):
+    """Every source's compiled flow, by source name."""
+
+    action_network: dict[str, ActionNetworkFlow]
+    activedemand: dict[str, ActiveDemandFlow]
+
+
+def compile_flows(config: Config) -> Flows:
+    """Every source's flow; a mapping or rule mistake raises ConfigError."""
+    return Flows(
+        action_network={s.name: an_flow(config, s) for s in config.sources.action_network},
+        activedemand={s.name: ad_flow(config, s) for s in config.sources.activedemand},
+    )
 
 
 def build_limiters(config: Config, clock: Clock) -> Limiters:
@@ -208,11 +232,13 @@ async def open_app(
     under a cursor of its own, so the live cursor is left as it was.
     """
     clock = clock or SystemClock()
-    if backfill is not None and backfill[0] not in {s.name for s in config.sources.action_network}:
-        known = ", ".join(s.name for s in config.sources.action_network) or "none"
+    sources = [s.name for s in config.sources.action_network]
+    sources += [s.name for s in config.sources.activedemand if "conversations" in s.streams]
+    if backfill is not None and backfill[0] not in sources:
         raise ConfigError(
-            "$.sources.action_network",
-            f"no Action Network source named {backfill[0]!r} to backfill (known: {known})",
+            "$.sources",
+            f"no source named {backfill[0]!r} to backfill (known: {', '.join(sources) or 'none'};"
+            " an ActiveDEMAND account needs the conversations stream)",
         )
     flows = compile_flows(config)  # before anything opens: a mistake stops the start
     for secret in config.secret_values():
@@ -245,7 +271,7 @@ async def open_app(
             since = backfill[1] if backfill is not None else None
             if backfill is not None and backfill[0] != source.name:
                 continue
-            flow = flows[source.name]
+            flow = flows.action_network[source.name]
             streams.append(
                 AnPeopleStream.from_config(
                     source,
@@ -267,6 +293,35 @@ async def open_app(
                         poll_interval=float(source.taggings_interval),
                     )
                 )
+        for ad in config.sources.activedemand:
+            ad_client = AdClient.from_config(
+                session, ad, bucket=limiters.get("activedemand", ad.name), clock=clock
+            )
+            targets[ad_target_name(ad.name)] = AdTarget(
+                ad_client,
+                store,
+                max_recording_bytes=ad.max_recording_bytes,
+                retention=float(ad.recording_retention),
+            )
+            if backfill is not None and backfill[0] != ad.name:
+                continue
+            ad_mapper = flows.activedemand[ad.name]
+            # A backfill reads every contact too: the history's conversations need them.
+            if "contacts" in ad.streams or backfill is not None:
+                streams.append(
+                    AdContactsStream.from_config(ad, ad_client, clock=clock, mapper=ad_mapper)
+                )
+            if "conversations" in ad.streams:
+                streams.append(
+                    AdConversationsStream.from_config(
+                        ad,
+                        ad_client,
+                        clock=clock,
+                        mapper=ad_mapper,
+                        known=store.known_keys,
+                        backfill_since=backfill[1] if backfill is not None else None,
+                    )
+                )
         log.info(
             "app_ready",
             state=str(store.path),
@@ -286,3 +341,8 @@ def ghl_target_name(location: str) -> str:
 def an_target_name(source: str) -> str:
     """The outbox ``target`` of an Action Network group's write-backs."""
     return f"an:{source}"
+
+
+def ad_target_name(source: str) -> str:
+    """The outbox ``target`` of what the bridge writes into an ActiveDEMAND account."""
+    return f"ad:{source}"

@@ -62,7 +62,9 @@ def build_parser() -> argparse.ArgumentParser:
     backfill = commands.add_parser(
         "backfill", help="re-read a source from a date, leaving its live cursor alone"
     )
-    backfill.add_argument("source", help="Action Network source name in the config")
+    backfill.add_argument(
+        "source", help="source name in the config (Action Network, or ActiveDEMAND conversations)"
+    )
     backfill.add_argument("--since", required=True, type=_date, help="YYYY-MM-DD (UTC)")
     mapping = commands.add_parser("map", help="field mapping tools")
     map_commands = mapping.add_subparsers(dest="map_command", metavar="ACTION", required=True)

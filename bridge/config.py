@@ -225,6 +225,51 @@ class ActionNetworkSource(msgspec.Struct, frozen=True, forbid_unknown_fields=Tru
     rules: list[NotifyRule] = []
 
 
+class AdHistorySettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    # How call transcripts and routing alerts are written back into ActiveDEMAND:
+    # "history" (an entry on the contact's history; PROPOSED endpoint), "form" (submit
+    # form_id, the established write), or "none".
+    via: Literal["history", "form", "none"] = "history"
+    # History entry kind.
+    kind: Name = "note"
+    # For via = "form": the form to submit and its fields, form key -> template over
+    # {email} {phone} {first_name} {last_name} {custom.<key>} and {kind} {text}.
+    form_id: str | None = None
+    fields: dict[str, str] = {}
+
+
+class RoutingRule(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    # Names the rule in logs and in the keys that make each action happen once.
+    name: Name
+    # Words or phrases, any of which matches (case-insensitive, whole words).
+    keywords: list[Annotated[str, msgspec.Meta(min_length=1)]] = []
+    # A regular expression (Python syntax, case-insensitive) that matches instead.
+    pattern: str | None = None
+    # GHL user id to assign the contact (and so its conversation) to.
+    assign_to: str | None = None
+    # GHL tags to add to the contact.
+    add_tags: list[str] = []
+    # Alert written back into ActiveDEMAND (see [history]): a template over the message
+    # fields plus {rule} and {matched}.
+    alert: str | None = None
+
+
+class ConversationState(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    # Mark the GHL conversation unread (true) or read (false); unset leaves it.
+    unread: bool | None = None
+    # Star (true) or unstar (false) the GHL conversation; unset leaves it.
+    starred: bool | None = None
+
+
+def _default_conversation_states() -> dict[str, ConversationState]:
+    return {
+        "closed": ConversationState(unread=False),
+        "read": ConversationState(unread=False),
+        "unread": ConversationState(unread=True),
+        "starred": ConversationState(starred=True),
+    }
+
+
 class ActiveDemandSource(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
     # Unique among sources; names cursors and logs.
     name: Name
@@ -241,8 +286,9 @@ class ActiveDemandSource(msgspec.Struct, frozen=True, forbid_unknown_fields=True
     feeds: Feeds = msgspec.field(default_factory=Feeds)
     # API root; points at the simulator in tests.
     base_url: str = "https://api.activedemand.com/v1"
-    # Which resources to poll; only contacts has a confirmed API.
-    streams: list[Literal["contacts", "conversations", "messages"]] = msgspec.field(
+    # Which resources to poll: "contacts" (confirmed API) and "conversations" (the
+    # PROPOSED feed: conversations with their messages, calls and statuses).
+    streams: list[Literal["contacts", "conversations"]] = msgspec.field(
         default_factory=lambda: ["contacts"]
     )
     # Pause between polls; AD has no change filter, so a poll may be a full scan.
@@ -251,6 +297,23 @@ class ActiveDemandSource(msgspec.Struct, frozen=True, forbid_unknown_fields=True
     rate: PositiveFloat = 2.0
     # Profile in [mapping]; a missing profile means the built-in defaults.
     mapping: Name = "activedemand"
+    # Pause between polls of the conversations feed (contacts use poll_interval).
+    conversations_interval: Duration = Duration(60.0)
+    # Messages ActiveDEMAND sent to the contact: "record" them in GHL as outbound (never
+    # sent again), or "skip" them.
+    outbound: Literal["record", "skip"] = "record"
+    # ActiveDEMAND conversation status -> what it sets on the GHL conversation.
+    conversation_status: dict[str, ConversationState] = msgspec.field(
+        default_factory=_default_conversation_states
+    )
+    # How long call recordings are kept in the state directory after they are fetched.
+    recording_retention: Duration = Duration(30 * 86_400.0)
+    # A recording larger than this is refused (dead-lettered), never half kept.
+    max_recording_bytes: PositiveInt = 100 * 1024 * 1024
+    # Where transcripts and alerts go in ActiveDEMAND.
+    history: AdHistorySettings = msgspec.field(default_factory=AdHistorySettings)
+    # Rules over call transcripts: assign, tag and alert when a keyword or pattern matches.
+    routing: list[RoutingRule] = []
 
 
 class Sources(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
@@ -291,7 +354,9 @@ class MappingProfile(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw
     contact: dict[str, FieldRule] = {}
     # GHL custom field id -> rule.
     custom_fields: dict[str, FieldRule] = {}
-    # Activity type (signature, submission, attendance, donation, outreach) -> message.
+    # Action Network: activity type (signature, submission, attendance, donation,
+    # outreach) -> message. ActiveDEMAND: channel (sms, email, web_chat, phone, or
+    # "default" for any other) or "call" -> message.
     messages: dict[str, MessageRule] = {}
 
 

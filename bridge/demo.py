@@ -1,10 +1,10 @@
 """``bridge demo``: the daemon against the built-in simulators, with no credentials.
 
-Starts a seeded Action Network group and a GHL location on loopback, writes a config for
-them into a temporary directory, and runs the real daemon twice: a backfill that brings
-the whole group into GHL, then a live poll after one organiser edit, which should cost
-exactly one GHL call. It ends with what landed and what it cost. The same world serves
-the end-to-end tests.
+Starts a seeded Action Network group, a seeded ActiveDEMAND account and a GHL location on
+loopback, writes a config for them into a temporary directory, and runs the real daemon:
+a backfill of each source that brings its history into GHL, then a live poll after one
+organiser edit, which should cost exactly one GHL call. It ends with what landed and what
+it cost. The same world serves the end-to-end tests.
 """
 
 from __future__ import annotations
@@ -23,12 +23,16 @@ from bridge.config import load_config
 from bridge.pipeline import RunSummary
 from bridge.sim.actionnetwork import build_app as build_an_app
 from bridge.sim.actionnetwork_state import AnSim
+from bridge.sim.activedemand import build_app as build_ad_app
+from bridge.sim.activedemand_state import AdSim
+from bridge.sim.ad_data import SeededAccount, seed_account
 from bridge.sim.an_data import build_sim as build_an_sim
 from bridge.sim.common import serve
 from bridge.sim.ghl import build_app as build_ghl_app
 from bridge.sim.ghl_state import GhlSim
 
 SOURCE = "an-demo"
+AD_SOURCE = "ad-demo"
 LOCATION_ID = "demoLocation00000001"
 HISTORY = datetime(2000, 1, 1, tzinfo=UTC)
 
@@ -74,6 +78,27 @@ name = "petition-comment"
 when_activity = "signature"
 note = 'Commented on "{{action_title}}": {{comments}}'
 unread = true
+
+"""
+
+
+AD_CONFIG = """
+[[sources.activedemand]]
+name = "{ad_source}"
+location = "demo"
+api_key = "{ad_key}"
+application_key = "{ad_app_key}"
+base_url = "{ad_url}/v1"
+streams = ["contacts", "conversations"]
+poll_interval = "1s"
+conversations_interval = "1s"
+
+[[sources.activedemand.routing]]
+# A call where someone commits to the canvass: tag them and tell the AD team.
+name = "canvass-yes"
+keywords = ["canvass"]
+add_tags = ["canvass volunteer"]
+alert = "Call mentions {{matched}}: book them a shift"
 """
 
 
@@ -83,6 +108,8 @@ class World:
 
     an: AnSim
     an_key: str
+    ad: AdSim
+    ad_seeded: SeededAccount
     ghl: GhlSim
     config_path: Path
 
@@ -95,35 +122,48 @@ async def sim_world(
     seed: int = 7,
     log_level: str = "warning",
     overlap: str = "120s",
+    activedemand: bool = True,
 ) -> AsyncIterator[World]:
-    """Serve a seeded Action Network group and a GHL location; write their config."""
+    """Serve the seeded simulators and write a config for them (ActiveDEMAND optional)."""
     an, keys = build_an_sim(people=people, seed=seed)
+    ad = AdSim(seed=seed)
+    ad_seeded = seed_account(ad, f"sim-ad-demo-{seed}", contacts=people, seed=seed)
+    # The conversation feeds are partner-gated: they need the application key too.
+    ad_app_key = ad.add_application(accounts=[ad_seeded.key])
     ghl = GhlSim(seed=seed)
     ghl.add_location(LOCATION_ID)
     token = ghl.add_private_token(LOCATION_ID)
-    async with serve(build_an_app(an)) as an_url, serve(build_ghl_app(ghl)) as ghl_url:
+    async with (
+        serve(build_an_app(an)) as an_url,
+        serve(build_ad_app(ad)) as ad_url,
+        serve(build_ghl_app(ghl)) as ghl_url,
+    ):
         path = directory / "bridge.toml"
-        path.write_text(
-            CONFIG.format(
-                state=directory / "state.db",
-                log_level=log_level,
-                location_id=LOCATION_ID,
-                ghl_url=ghl_url,
-                ghl_token=token,
-                source=SOURCE,
-                an_key=keys[0],
-                an_url=an_url,
-                overlap=overlap,
-            ),
-            encoding="utf-8",
+        text = CONFIG.format(
+            state=directory / "state.db",
+            log_level=log_level,
+            location_id=LOCATION_ID,
+            ghl_url=ghl_url,
+            ghl_token=token,
+            source=SOURCE,
+            an_key=keys[0],
+            an_url=an_url,
+            overlap=overlap,
         )
-        yield World(an=an, an_key=keys[0], ghl=ghl, config_path=path)
+        if activedemand:
+            text += AD_CONFIG.format(
+                ad_source=AD_SOURCE, ad_key=ad_seeded.key, ad_app_key=ad_app_key, ad_url=ad_url
+            )
+        path.write_text(text, encoding="utf-8")
+        yield World(an=an, an_key=keys[0], ad=ad, ad_seeded=ad_seeded, ghl=ghl, config_path=path)
 
 
-async def run_bridge(world: World, *, backfill_since: datetime | None = None) -> RunSummary:
+async def run_bridge(
+    world: World, *, backfill_since: datetime | None = None, source: str = SOURCE
+) -> RunSummary:
     """One ``bridge once`` (or ``bridge backfill``) against the world, in this process."""
     config = load_config(world.config_path)
-    backfill = (SOURCE, backfill_since) if backfill_since is not None else None
+    backfill = (source, backfill_since) if backfill_since is not None else None
     async with open_app(config, backfill=backfill) as app:
         return await app.run(once=True)
 
@@ -175,12 +215,13 @@ async def _demo(world: World, out: TextIO, *, people: int) -> int:
         f"   busiest second at Action Network: {an.max_rate_seen(world.an_key)} requests"
         " (limit 4)\n\n"
     )
+    ad_first = await _demo_activedemand(world, out)
     mark = ghl.journal.last_seq
     # Action Network counts a rolling second; let the first run's last second pass.
     await asyncio.sleep(1.0)
     person = an.list_people(world.an_key, limit=1)[0]
     an.touch_person(person.id, {"family_name": "Renamed"}, key=world.an_key)
-    out.write("2. an organiser renames one person; bridge once\n")
+    out.write("3. an organiser renames one person; bridge once\n")
     second = await run_bridge(world)
     writes = ghl_writes(world, mark)
     out.write(
@@ -188,6 +229,31 @@ async def _demo(world: World, out: TextIO, *, people: int) -> int:
         f" unchanged records skipped {second.events_unchanged},"
         f" dead letters {second.dead_lettered}\n"
     )
-    ok = first.dead_lettered == 0 and second.dead_lettered == 0 and writes == 1
+    ok = first.dead_lettered == 0 and second.dead_lettered == 0 and writes == 1 and ad_first
     out.write("\ndemo OK\n" if ok else "\ndemo FAILED: see above\n")
     return 0 if ok else 1
+
+
+async def _demo_activedemand(world: World, out: TextIO) -> bool:
+    """Backfill the ActiveDEMAND account; True when exactly the two bad files failed."""
+    ad, ghl, seeded = world.ad, world.ghl, world.ad_seeded
+    counts = ad.counts(seeded.key)
+    out.write(
+        f"2. ActiveDEMAND sim: {counts['contacts']} contacts, {counts['conversations']}"
+        f" conversations, {counts['messages']} messages (3 with files, calls with"
+        f" recordings and transcripts)\n   bridge backfill {AD_SOURCE} --since {HISTORY.date()}\n"
+    )
+    mark, ad_mark = ghl.journal.last_seq, len(ad.journal)
+    summary = await run_bridge(world, backfill_since=HISTORY, source=AD_SOURCE)
+    messages = sum(1 for k in ghl.messages_by_alt_id() if k.startswith(f"{AD_SOURCE}:message:"))
+    notes = sum(1 for n in ghl.all_notes() if "Call transcript" in (n.get("body") or ""))
+    written = ad.histories(seeded.key, source="api")
+    out.write(
+        f"   messages {messages}, files uploaded {len(ghl.uploads)}, transcript notes {notes},"
+        f" ActiveDEMAND history entries written {len(written)}\n"
+        f"   GHL writes {ghl_writes(world, mark)}, ActiveDEMAND calls"
+        f" {len(ad.journal) - ad_mark}, dead letters {summary.dead_lettered}"
+        " (expected 2: an .exe GHL refuses and a video over the upload limit;"
+        " their messages' text still went)\n\n"
+    )
+    return summary.dead_lettered == 2

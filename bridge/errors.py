@@ -50,10 +50,16 @@ class Retryable(BridgeError):
 
 
 class Rejected(BridgeError):
-    """The record itself is bad; retrying will not help. ``details`` lists reasons."""
+    """The record itself is bad; retrying will not help. ``details`` lists reasons.
 
-    def __init__(self, message: str, details: tuple[str, ...] = ()) -> None:
+    ``status`` is the HTTP status when an API refused it (404 reads as "not found").
+    """
+
+    def __init__(
+        self, message: str, details: tuple[str, ...] = (), *, status: int | None = None
+    ) -> None:
         self.details = details
+        self.status = status
         super().__init__(message)
 
 

@@ -128,7 +128,7 @@ def classify(
         return AuthError(f"{prefix}: forbidden; the credentials lack access")
     details = _safe(texts)
     kind = AlreadyExists if status == 400 and "already exists" in lowered else Rejected
-    return kind(_join(prefix, details), details)
+    return kind(_join(prefix, details), details, status=status)
 
 
 def classify_exception(exc: BaseException, *, write: bool, where: str = "") -> BridgeError:

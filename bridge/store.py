@@ -312,6 +312,10 @@ class Store:
                         found.setdefault(key, set()).add(digest)
         return found
 
+    async def known_keys(self, keys: Sequence[str]) -> set[str]:
+        """Those of ``keys`` whose record was delivered or has ops waiting in the outbox."""
+        return set(await self.known_hashes(keys))
+
     async def commit_page(
         self,
         stream: str,

@@ -339,12 +339,18 @@ def test_feeds_decode_from_config_with_checked_paths() -> None:
     )
     assert feeds.messages.since_param == "after"
     assert feeds.conversations == Feeds().conversations
+    assert feeds.contact_path == "/contacts/{contact_id}.json"
+    assert msgspec.convert({"contact_path": ""}, Feeds).contact_path == ""  # TOML's "none"
+    assert Feeds(contact_path=None).contact_path is None
     bad = [
         ({"messages": {"path": "/messages.json"}}, r"must contain \{conversation_id\}"),
         ({"recording_path": "/calls/{id}"}, r"may use only \{message_id\}"),
         ({"contacts": {"path": "/contacts.json", "since_param": "since"}}, "no change filter"),
         ({"histories": {"path": "histories.json"}}, r"must start with '/'.* - at `\$\.histories`"),
         ({"conversations": {"path": "/c.json", "per_pge": 5}}, "unknown field `per_pge`"),
+        ({"contact_path": "/contacts/{id}.json"}, r"may use only \{contact_id\}"),
+        ({"contact_path": "/contacts.json"}, r"must contain \{contact_id\}"),
+        ({"contact_path": "contacts/{contact_id}.json"}, r"contact_path must start with '/'"),
     ]
     for raw, message in bad:
         with pytest.raises(msgspec.ValidationError, match=message):
@@ -400,6 +406,56 @@ async def test_own_fields_stay_out_of_the_contact_hash(ad: AdServer) -> None:
     first = hashes(await drain(stream, None))
     ad.sim.update_contact(KEY, ad.seeded.contact_ids[0], {own: "ghl-123"})
     assert hashes(await drain(stream, None)) == first
+
+
+CONTACT_PATH = f"{API}/contacts/{{id}}.json"
+
+
+async def test_one_contact_reads_like_a_list_element_or_none_on_404(ad: AdServer) -> None:
+    """contact() normalises like contact_pages(), is None on a 404, passes other refusals
+    on, and is Fatal without a contact_path."""
+    client = ad.client(per_page=40)
+    listed = [c async for page in client.contact_pages() for c in page][:3]
+    for one in listed:
+        assert await client.contact(one.id) == one
+    seq = ad.sim.journal.last_seq
+    assert await client.contact("1") is None
+    # The id is sent as one quoted segment: the server sees the slashes unresolved and no
+    # route, instead of a path that climbs to another resource.
+    assert await client.contact(f"{listed[0].id}/../1") is None
+    assert [(e.path, e.status) for e in ad.since(seq)] == [
+        (f"{API}/contacts/1.json", 404),
+        (f"{API}/contacts/{listed[0].id}/../1.json", 404),
+    ]
+    target = str(ad.seeded.contact_ids[5])
+    ad.sim.faults.fail_next(CONTACT_PATH, 1, status=422)
+    with pytest.raises(Rejected, match="HTTP 422"):
+        await client.contact(target)
+    no_path = msgspec.structs.replace(Feeds(), contact_path=None)
+    with pytest.raises(Fatal, match=r"feeds\.contact_path is unset"):
+        await ad.client(feeds=no_path).contact(target)
+
+
+async def test_find_contacts_by_id_or_by_a_walk_that_stops_early(ad: AdServer) -> None:
+    """With contact_path, one request per id; without it, contacts.json is walked only until
+    every id is seen (the whole walk when one is missing); missing ids are absent."""
+    ids = [str(i) for i in ad.seeded.contact_ids]  # 120 contacts: 40 a page at per_page=40
+    early, late = ids[:2], [ids[1], ids[45]]
+    client = ad.client(per_page=40)
+    everyone = {c.id: c async for page in client.contact_pages() for c in page}
+    seq = ad.sim.journal.last_seq
+    found = await client.find_contacts([*early, "1"])
+    assert found == {i: everyone[i] for i in early}
+    assert [e.route for e in ad.since(seq)] == [CONTACT_PATH] * 3
+    assert await client.find_contacts([]) == {}
+    assert len(ad.since(seq)) == 3
+    no_path = msgspec.structs.replace(Feeds(), contact_path=None)
+    walker = ad.client(per_page=40, feeds=no_path)
+    for wanted, pages in ((early, 1), (late, 2), ([ids[0], "1"], 4)):
+        seq = ad.sim.journal.last_seq
+        walked = await walker.find_contacts(wanted)
+        assert walked == {i: everyone[i] for i in wanted if i in everyone}
+        assert [e.route for e in ad.since(seq)] == [CONTACTS_PATH] * pages, wanted
 
 
 # --------------------------------------------------------------------------- conversations stream

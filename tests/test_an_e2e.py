@@ -52,7 +52,7 @@ async def world(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[World
     directory: Path = tmp_path_factory.mktemp("e2e")
     # A short overlap: the sim indexes at once, and every run re-reads the people changed
     # within it (all of them, right after the write-backs).
-    async with sim_world(directory, people=PEOPLE, overlap="1s") as made:
+    async with sim_world(directory, people=PEOPLE, overlap="1s", activedemand=False) as made:
         status = await bridge(made, "backfill", SOURCE, "--since", "2000-01-01")
         assert status == 0
         # Past the overlap and Action Network's rolling second.
@@ -191,7 +191,7 @@ async def test_map_preview_shows_real_records_without_sending(world: World) -> N
 async def test_backfill_of_an_unknown_source_is_a_config_error(world: World) -> None:
     status, output = await bridge_output(world, "backfill", "nope", "--since", "2024-01-01")
     assert status == 78
-    assert "no Action Network source named 'nope'" in output
+    assert "no source named 'nope'" in output
 
 
 async def test_backfill_with_a_bad_date_prints_usage(world: World) -> None:

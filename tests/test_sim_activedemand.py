@@ -374,6 +374,34 @@ async def test_updating_a_contact_bumps_its_marker_and_shows_in_the_list(
     assert target.revision == before + 2
 
 
+async def test_one_contact_by_id_is_a_list_element_or_a_404(api: Api, sim: AdSim) -> None:
+    """PROPOSED contacts/{id}.json answers the object contacts.json lists, leaves fields.json
+    and field.json alone, is 404 for another account's or an unknown id, and needs the key."""
+    listed = (await api.get("/v1/contacts.json", per_page=3)).json()
+    for contact in listed:
+        assert await api.ok("GET", f"/v1/contacts/{contact['id']}.json") == contact
+    fields = await api.ok("GET", "/v1/contacts/fields.json")
+    assert fields[0]["key"] == "first_name"
+    one = await api.call("GET", "/v1/contacts/field.json", params={"field_key": "first_name"})
+    assert one.json()["key"] == "first_name"
+    foreign = sim.contacts(OTHER)[0].id
+    for missing in (foreign, 1):
+        r = await api.call("GET", f"/v1/contacts/{missing}.json")
+        assert (r.status, r.json()) == (404, {"error": f"Contact {missing} not found"})
+    r = await api.call("GET", f"/v1/contacts/{listed[0]['id']}.json", key=None, app=None)
+    assert (r.status, r.json()) == (401, {"error": "Invalid API key"})
+    entries = sim.journal.select(route="/v1/contacts/{id}.json")
+    assert [e.tenant for e in entries] == [sim.account_id(KEY)] * 5 + [None]
+
+
+async def test_one_contact_by_id_is_metered_and_rate_limited(api: Api, sim: AdSim) -> None:
+    """Lookups by id spend the account's budget like any API call: the sixth in a second is 429."""
+    path = f"/v1/contacts/{sim.contacts(KEY)[0].id}.json"
+    statuses = [(await api.call("GET", path, pace=False)).status for _ in range(6)]
+    assert statuses == [200] * 5 + [429]
+    assert (sim.rate_limited(KEY), sim.max_rate_seen(KEY)) == (1, 6)
+
+
 # --------------------------------------------------------------------------- proposed feeds
 
 
@@ -390,6 +418,7 @@ async def test_conversations_order_by_update_and_filter_inclusively(
         "id",
         "contact_id",
         "channel",
+        "status",
         "created_at",
         "updated_at",
         "message_count",
@@ -512,6 +541,54 @@ async def test_delivery_status_changes_show_and_touch_the_conversation(
     assert (await api.ok("GET", f"/v1/messages/{out.id}.json"))["status"] == "failed"
     with pytest.raises(ValueError, match="unknown status"):
         sim.set_status(KEY, out.id, "lost")
+
+
+async def test_conversation_status_is_listed_and_a_change_moves_updated_at(
+    api: Api, sim: AdSim, seeded: SeededAccount, wall: FakeClock
+) -> None:
+    """Conversations start "open"; set_conversation_status shows in the list and the single
+    view, moves updated_at (so updated_since picks it up) and takes any non-empty string."""
+    convs = await api.walk("/v1/conversations.json")
+    assert {c["status"] for c in convs} == {"open"}
+    cid = seeded.conversation_ids[0]
+    wall.advance(120)
+    sim.set_conversation_status(KEY, cid, "closed")
+    fresh = await api.walk("/v1/conversations.json", updated_since=iso(WALL0 + 120))
+    assert [(c["id"], c["status"], c["updated_at"]) for c in fresh] == [
+        (cid, "closed", iso(WALL0 + 120))
+    ]
+    assert (await api.ok("GET", f"/v1/conversations/{cid}.json"))["status"] == "closed"
+    wall.advance(30)
+    sim.set_conversation_status(KEY, cid, "snoozed")
+    single = await api.ok("GET", f"/v1/conversations/{cid}.json")
+    assert (single["status"], single["updated_at"]) == ("snoozed", iso(WALL0 + 150))
+    with pytest.raises(ValueError, match="must not be empty"):
+        sim.set_conversation_status(KEY, cid, "")
+
+
+async def test_conversation_status_control_endpoint(
+    api: Api, sim: AdSim, seeded: SeededAccount, wall: FakeClock
+) -> None:
+    """/_sim/ad/conversation_status sets a status by account label, like /_sim/ad/status;
+    a missing field or a non-string status is a 400 and an unknown conversation a 404."""
+    url = f"{api.base}/_sim/ad/conversation_status"
+    label, cid = sim.account_id(KEY), seeded.conversation_ids[1]
+    wall.advance(45)
+    done = await api.ok(
+        "POST", url, json={"accountId": label, "conversationId": cid, "status": "closed"}
+    )
+    assert done == {"id": cid, "status": "closed", "updated_at": iso(WALL0 + 45)}
+    assert sim.conversation(KEY, cid).status == "closed"
+    for body, status in (
+        ({"accountId": label, "conversationId": cid}, 400),
+        ({"accountId": label, "conversationId": cid, "status": 3}, 400),
+        ({"accountId": label, "conversationId": cid, "status": ""}, 400),
+        ({"accountId": "account-99", "conversationId": cid, "status": "open"}, 400),
+        ({"accountId": label, "conversationId": 1, "status": "open"}, 404),
+    ):
+        r = await api.call("POST", url, json=body)
+        assert r.status == status, body
+        assert "error" in r.json()
 
 
 async def test_histories_are_created_form_encoded_and_listed(api: Api, sim: AdSim) -> None:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 from collections import OrderedDict
-from collections.abc import AsyncGenerator, Sequence
+from collections.abc import AsyncGenerator, Awaitable, Callable, Sequence
 from datetime import UTC, datetime, timedelta
 
 import msgspec
@@ -31,6 +31,7 @@ from bridge.connectors.ad_models import (
     message_data,
     message_key,
 )
+from bridge.errors import Rejected
 from bridge.models import NewOp, Page, SourceEvent
 from bridge.streams import Mapper, format_utc, make_event, parse_cursor, unmapped
 
@@ -56,6 +57,9 @@ DEFAULT_SETTLE_AFTER = 86_400.0
 DEFAULT_TRACKED = 10_000
 
 _EPOCH = datetime.min.replace(tzinfo=UTC)
+
+KnownKeys = Callable[[Sequence[str]], Awaitable[set[str]]]
+"""Which of these source keys the bridge already has (delivered or queued): the store's."""
 
 
 # --------------------------------------------------------------------------- contacts stream
@@ -194,7 +198,16 @@ class AdConversationsStream:
     is updated only after the page that read those messages has been committed.
 
     A conversation first read (no watermark) is read whole, so GHL gets its history.
-    With no stored cursor a stream starts at ``first_since``, or at its first signpost.
+    With no stored cursor a live stream starts at its first signpost: history is a
+    backfill's job. ``backfill_since`` makes a backfill stream, named
+    ``<source>.conversations.backfill``, which starts there under a cursor of its own.
+
+    Contacts: a conversation can name a contact made after the last contacts scan (a new
+    person texting in). With ``known`` given, the contacts of a page that the bridge has
+    never seen are fetched (by id, or by walking the list when the account has no
+    single-contact resource) and emitted before their conversations, so their messages
+    never wait for the next full scan. A call's transcription is read with its message
+    once the feed says it exists, so flows see the text.
     """
 
     def __init__(
@@ -209,14 +222,15 @@ class AdConversationsStream:
         index_lag: float = DEFAULT_INDEX_LAG,
         settle_after: float = DEFAULT_SETTLE_AFTER,
         tracked: int = DEFAULT_TRACKED,
-        first_since: datetime | None = None,
+        backfill_since: datetime | None = None,
+        known: KnownKeys | None = None,
     ) -> None:
         if overlap < 0 or index_lag < 0 or settle_after < 0:
             raise ValueError("overlap, index_lag and settle_after must not be negative")
         if tracked < 1:
             raise ValueError(f"tracked must be at least 1, got {tracked}")
         self.source = source
-        self.name = f"{source}.conversations"
+        self.name = f"{source}.conversations" + (".backfill" if backfill_since else "")
         self.poll_interval = poll_interval
         self._client = client
         self._clock = clock
@@ -225,7 +239,8 @@ class AdConversationsStream:
         self._index_lag = index_lag
         self._settle_after = settle_after
         self._capacity = tracked
-        self._first_since = first_since
+        self._first_since = backfill_since
+        self._known = known
         self._tracked: OrderedDict[str, _Tracked] = OrderedDict()
 
     @classmethod
@@ -237,9 +252,19 @@ class AdConversationsStream:
         clock: Clock,
         mapper: Mapper = unmapped,
         poll_interval: float | None = None,
+        known: KnownKeys | None = None,
+        backfill_since: datetime | None = None,
     ) -> AdConversationsStream:
-        interval = float(source.poll_interval) if poll_interval is None else poll_interval
-        return cls(client, source=source.name, clock=clock, mapper=mapper, poll_interval=interval)
+        interval = float(source.conversations_interval) if poll_interval is None else poll_interval
+        return cls(
+            client,
+            source=source.name,
+            clock=clock,
+            mapper=mapper,
+            poll_interval=interval,
+            known=known,
+            backfill_since=backfill_since,
+        )
 
     def transform(self, event: SourceEvent) -> Sequence[NewOp]:
         return self._mapper(event)
@@ -257,12 +282,11 @@ class AdConversationsStream:
         window = _Window()
         log.info("ad_poll_started", stream=self.name, since=format_utc(start - self._overlap))
         async for batch in self._client.conversation_pages(updated_since=start - self._overlap):
-            events: list[SourceEvent] = []
+            fresh = [entry for entry in batch if window.first_sight(entry)]
+            conversations = [conversation_data(self.source, e.id, e.value) for e in fresh]
+            events = await self._new_contacts(conversations)
             learned: list[tuple[str, _Tracked]] = []
-            for entry in batch:
-                if not window.first_sight(entry):
-                    continue
-                conversation = conversation_data(self.source, entry.id, entry.value)
+            for entry, conversation in zip(fresh, conversations, strict=True):
                 events.append(
                     self._event(
                         conversation_key(self.source, entry.id), "conversation", conversation
@@ -296,7 +320,11 @@ class AdConversationsStream:
         """The conversation's messages after ``since_id`` as events, and the new watermark."""
         read: list[tuple[str, MessageData]] = []
         async for batch in self._client.message_pages(conversation.id, since_id=since_id):
-            read += [(e.id, message_data(self.source, e.id, e.value, conversation)) for e in batch]
+            for e in batch:
+                data = message_data(self.source, e.id, e.value, conversation)
+                if data.call is not None and data.call.transcription:
+                    data = msgspec.structs.replace(data, transcript=await self._transcript(e.id))
+                read.append((e.id, data))
         now = datetime.fromtimestamp(self._clock.time(), UTC)
         watermark = since_id
         for message_id, data in read:  # the feed's order, which since_id follows
@@ -306,6 +334,42 @@ class AdConversationsStream:
         # Source order for GHL; the sort is stable, so equal times keep the feed's order.
         ordered = sorted((data for _, data in read), key=lambda m: m.created or _EPOCH)
         return [self._message_event(m) for m in ordered], watermark
+
+    async def _new_contacts(self, conversations: Sequence[ConversationData]) -> list[SourceEvent]:
+        """Contact events for contacts of these conversations the bridge has never seen."""
+        if self._known is None:
+            return []
+        keys = {
+            c.contact_key: c.contact_id for c in conversations if c.contact_id and c.contact_key
+        }
+        if not keys:
+            return []
+        known = await self._known(sorted(keys))
+        missing = {cid for key, cid in keys.items() if cid is not None and key not in known}
+        if not missing:
+            return []
+        found = await self._client.find_contacts(missing)
+        lost = sorted(missing - found.keys())
+        if lost:
+            # Their conversations' ops are dead-lettered with "no GHL contact".
+            log.warning("ad_contacts_not_found", stream=self.name, contact_ids=lost)
+        log.info("ad_new_contacts_read", stream=self.name, contacts=len(found))
+        return [
+            make_event(self.name, contact_key(self.source, cid), "contact", found[cid])
+            for cid in sorted(found)
+        ]
+
+    async def _transcript(self, message_id: str) -> str | None:
+        """A call's transcription as "speaker: text" lines (the plain download if none)."""
+        try:
+            sentences = await self._client.transcription(message_id)
+        except Rejected:
+            return None  # listed as existing, yet not there (yet): read again next time
+        lines = [f"{s.speaker}: {s.text}" if s.speaker else s.text for s in sentences if s.text]
+        if lines:
+            return "\n".join(lines)
+        text = (await self._client.transcription_text(message_id)).strip()
+        return text or None
 
     def _message_event(self, message: MessageData) -> SourceEvent:
         # Attachment URLs may be signed and change on every read; left in the hash they

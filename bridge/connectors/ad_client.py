@@ -15,6 +15,8 @@ Choices where API_FACTS says "not found":
   ``X-Application-Api-Key`` on every request when configured (§1.2);
 * 401 is a refused key and 403 a key without access to the account (the Shopify app's
   reading), both :class:`AuthError`; 429 honours Retry-After (§2: throttling not found);
+* one contact by id: the PROPOSED ``feeds.contact_path`` (``contacts/{id}.json``), a 404
+  meaning no such contact; without that setting a lookup walks ``contacts.json``;
 * writes: ``contacts.json`` takes ``contact[...]`` fields and answers a one-element array
   with the id; form posts use the form's dotted keys; histories use ``history[...]``;
 * message, recording and transcription URLs are built from the configured base and the
@@ -25,7 +27,14 @@ from __future__ import annotations
 
 import contextlib
 import random
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from collections.abc import (
+    AsyncGenerator,
+    AsyncIterator,
+    Awaitable,
+    Callable,
+    Collection,
+    Mapping,
+)
 from datetime import datetime
 from pathlib import Path
 from typing import Generic, Literal, TypeVar
@@ -58,7 +67,7 @@ from bridge.connectors.ad_models import (
     contact_data,
 )
 from bridge.downloads import body_chunks, save_body
-from bridge.errors import InDoubt, Retryable, TokenExpired
+from bridge.errors import Fatal, InDoubt, Rejected, Retryable, TokenExpired
 from bridge.ratelimit import TokenBucket
 from bridge.streams import format_utc
 
@@ -126,6 +135,9 @@ class AdClient:
         if auth_mode not in ("header", "query"):
             raise ValueError(f"auth_mode must be 'header' or 'query', got {auth_mode!r}")
         self.feeds = feeds if feeds is not None else Feeds()
+        # The single-contact answer is one bare object: the list envelope does not apply,
+        # the id field does.
+        self._one_contact = msgspec.structs.replace(self.feeds.contacts, records=None)
         self._session = session
         self._base = base_url.rstrip("/")
         self._base_path = urlsplit(self._base).path
@@ -172,11 +184,63 @@ class AdClient:
         """Prove the key opens the account (reads the field catalogue), or raise AuthError."""
         await self.contact_fields()
 
-    async def contact_pages(self) -> AsyncIterator[list[ContactData]]:
+    async def contact_pages(self) -> AsyncGenerator[list[ContactData], None]:
         """Every contact, one API page at a time (no change filter exists)."""
         feed = self.feeds.contacts
-        async for records in self._walk(feed, "contacts", feed.path, []):
-            yield [contact_data(r.id, r.record) for r in records]
+        async with contextlib.aclosing(self._walk(feed, "contacts", feed.path, [])) as walk:
+            async for records in walk:
+                yield [contact_data(r.id, r.record) for r in records]
+
+    async def contact(self, contact_id: str) -> ContactData | None:
+        """PROPOSED ``GET contacts/{id}.json``: one contact, or None when it is a 404.
+
+        Only for an account whose ``feeds.contact_path`` is set (Fatal otherwise; callers
+        that cannot know should use :meth:`find_contacts`). An account without the
+        endpoint would answer 404 for every id, which reads as "no such contact", so the
+        setting must be cleared for it rather than left at the default.
+        """
+        template = self.feeds.contact_path
+        if not template:
+            raise Fatal(
+                "feeds.contact_path is unset: this account has no get-contact-by-id "
+                "endpoint; look contacts up with find_contacts"
+            )
+        path = template.format_map({"contact_id": _q(contact_id)})
+        where = self._where("GET", path)
+        try:
+            doc = await self._get(object, path, [])
+        except Rejected as exc:
+            if exc.status == 404:
+                return None
+            raise
+        if not isinstance(doc, dict):
+            raise Fatal(f"{where}: the answer is not one contact object; check feeds.contact_path")
+        (record,) = page_records([doc], self._one_contact, label="contacts", where=where)
+        return contact_data(record.id, record.record)
+
+    async def find_contacts(self, ids: Collection[str]) -> dict[str, ContactData]:
+        """The contacts of ``ids`` that exist, keyed by the id asked for; others are absent.
+
+        With ``feeds.contact_path`` set, one request per id; without it, a walk over
+        ``contacts.json`` that stops at the first page by which every id was seen (a
+        missing id costs the whole walk).
+        """
+        wanted = set(ids)
+        found: dict[str, ContactData] = {}
+        if not wanted:
+            return found
+        if self.feeds.contact_path:
+            for contact_id in sorted(wanted):
+                contact = await self.contact(contact_id)
+                if contact is not None:
+                    found[contact_id] = contact
+            return found
+        async with contextlib.aclosing(self.contact_pages()) as pages:
+            async for page in pages:
+                found.update((c.id, c) for c in page if c.id in wanted)
+                if len(found) == len(wanted):
+                    break
+        return found
 
     async def contact_fields(self) -> list[FieldDef]:
         """``GET contacts/fields.json``: the catalogue, custom fields included."""
@@ -334,7 +398,7 @@ class AdClient:
 
     async def _walk(
         self, feed: FeedConfig, label: str, path: str, query: list[tuple[str, str]]
-    ) -> AsyncIterator[list[KeyedRecord]]:
+    ) -> AsyncGenerator[list[KeyedRecord], None]:
         """Every non-empty page of a feed, until the page rule says it has ended."""
         where = self._where("GET", path)
         rule = PageRule(feed, where=where)

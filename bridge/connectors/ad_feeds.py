@@ -95,6 +95,11 @@ class Feeds(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=Tru
     histories: FeedConfig = msgspec.field(
         default_factory=_feed(path="/histories.json", since_param="since_id")
     )
+    # PROPOSED single-contact resource ("Get a Contact" exists per Make, its path was not
+    # found: API_FACTS §1.4, §2), answering one object shaped like one element of
+    # contacts.json; "{contact_id}" is filled in. None (from code) or "" (TOML has no null)
+    # means the account has no such endpoint, and lookups walk contacts.json instead.
+    contact_path: str | None = "/contacts/{contact_id}.json"
     # PROPOSED single-message resources; "{message_id}" is filled in.
     message_status_path: str = "/messages/{message_id}/status.json"
     recording_path: str = "/messages/{message_id}/recording"
@@ -109,6 +114,8 @@ class Feeds(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=Tru
                 "contacts has no change filter: leave since_param and updated_field unset"
             )
         _check_template("messages.path", self.messages.path, "conversation_id")
+        if self.contact_path:
+            _check_template("contact_path", self.contact_path, "contact_id")
         for name, path in (
             ("message_status_path", self.message_status_path),
             ("recording_path", self.recording_path),

@@ -248,6 +248,8 @@ class MessageData(msgspec.Struct, frozen=True, kw_only=True):
     error: str | None
     attachments: list[AttachmentData]
     call: CallData | None
+    # A call's transcription as "speaker: text" lines, read once it exists.
+    transcript: str | None = None
 
 
 # --------------------------------------------------------------------------- keys

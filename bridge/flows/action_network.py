@@ -15,7 +15,7 @@ per activity, however often the person changes afterwards.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import Any, get_args
+from typing import Any
 
 import msgspec
 
@@ -29,7 +29,6 @@ from bridge.config import (
 from bridge.connectors.an_models import ACTIVITY_TYPES, ActivityData, PersonData, person_key
 from bridge.connectors.an_taggings import TagsData
 from bridge.connectors.an_target import WriteBackIds, write_back_op
-from bridge.connectors.ghl.models import InboundType
 from bridge.connectors.ghl.ops import (
     AddNote,
     AddTask,
@@ -43,6 +42,7 @@ from bridge.connectors.ghl.ops import (
     new_op,
 )
 from bridge.errors import ConfigError, Rejected
+from bridge.flows.common import Message
 from bridge.mapping import ContactMapping, render
 from bridge.models import NewOp, SourceEvent
 
@@ -81,26 +81,9 @@ DEFAULT_MESSAGES: Mapping[str, MessageRule] = {
     ),
 }
 
-_INBOUND_TYPES = frozenset(get_args(InboundType))
 _person_decoder = msgspec.json.Decoder(PersonData)
 _activity_decoder = msgspec.json.Decoder(ActivityData)
 _tags_decoder = msgspec.json.Decoder(TagsData)
-
-
-class Message:
-    """A compiled message rule for one activity type."""
-
-    def __init__(self, rule: MessageRule, *, path: str) -> None:
-        if rule.type not in _INBOUND_TYPES:
-            known = ", ".join(sorted(_INBOUND_TYPES))
-            raise ConfigError(f"{path}.type", f"unknown GHL inbound type {rule.type!r} ({known})")
-        if rule.type == "Custom" and not rule.conversation_provider_id:
-            raise ConfigError(
-                f"{path}.conversation_provider_id",
-                'type "Custom" needs the custom provider\'s id, or GHL stores nothing',
-            )
-        self.rule = rule
-        self.type: InboundType = rule.type  # type: ignore[assignment]  # checked just above
 
 
 class Rule:

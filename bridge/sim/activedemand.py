@@ -129,11 +129,12 @@ def message_json(base: str, m: Message) -> dict[str, Any]:
 
 
 def conversation_json(c: Conversation) -> dict[str, Any]:
-    """A conversation of the proposed feed."""
+    """A conversation of the proposed feed; ``status`` is "open", "closed" or what a test set."""
     return {
         "id": c.id,
         "contact_id": c.contact_id,
         "channel": c.channel,
+        "status": c.status,
         "created_at": iso(c.created),
         "updated_at": iso(c.updated),
         "message_count": len(c.message_ids),
@@ -302,6 +303,17 @@ async def create_contact(sim: AdSim, request: web.Request, a: Account) -> web.St
     return web.json_response([contact_json(contact, a.fields)])
 
 
+async def get_contact(sim: AdSim, request: web.Request, a: Account) -> web.StreamResponse:
+    """PROPOSED ``GET contacts/{id}.json`` (API_FACTS §2: get-by-id path not found).
+
+    Choice: one object exactly like an element of ``contacts.json``; an id the account
+    does not have is a 404 in the usual error body. Gated like the v1 routes, not as a
+    partner feed, since Make's "Get a Contact" suggests the plain key reaches it.
+    """
+    contact = sim.contact(a.key, int(request.match_info["id"]))
+    return web.json_response(contact_json(contact, a.fields))
+
+
 async def contact_fields(sim: AdSim, request: web.Request, a: Account) -> web.StreamResponse:
     return web.json_response([field_json(f) for f in sim.fields(a.key)])
 
@@ -454,6 +466,7 @@ ROUTES: tuple[tuple[str, str, Op], ...] = (
     ("POST", "/contacts.json", create_contact),
     ("GET", "/contacts/fields.json", contact_fields),
     ("GET", "/contacts/field.json", contact_field),
+    ("GET", f"/contacts/{_ID}.json", get_contact),
     ("GET", "/conversations.json", list_conversations),
     ("GET", f"/conversations/{_ID}.json", get_conversation),
     ("GET", f"/conversations/{_ID}/messages.json", list_messages),
@@ -617,6 +630,15 @@ def _add_control(app: web.Application, sim: AdSim) -> None:
         msg = sim.set_status(key, int(raw["messageId"]), raw["status"], error=raw.get("error"))
         return {"id": msg.id, "status": msg.status}
 
+    async def conversation_status(request: web.Request) -> dict[str, Any]:
+        raw = await read(request)
+        key = sim.key_for(raw["accountId"])
+        status = raw["status"]
+        if not isinstance(status, str):
+            raise TypeError("status must be a string")
+        conv = sim.set_conversation_status(key, int(raw["conversationId"]), status)
+        return {"id": conv.id, "status": conv.status, "updated_at": iso(conv.updated)}
+
     async def config(request: web.Request) -> dict[str, Any]:
         raw = await read(request)
         if "rateLimit" in raw or "rateWindow" in raw:
@@ -653,6 +675,7 @@ def _add_control(app: web.Application, sim: AdSim) -> None:
     app.router.add_post("/_sim/ad/touch", control(touch))
     app.router.add_post("/_sim/ad/messages", control(messages))
     app.router.add_post("/_sim/ad/status", control(status))
+    app.router.add_post("/_sim/ad/conversation_status", control(conversation_status))
     app.router.add_post("/_sim/ad/config", control(config))
     app.router.add_get("/_sim/ad/histories", control(histories))
     app.router.add_get("/_sim/ad/submissions", control(submissions))

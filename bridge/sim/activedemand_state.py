@@ -49,6 +49,9 @@ MESSAGE_TYPES = frozenset({"text", "media", "call"})
 DIRECTIONS = frozenset({"inbound", "outbound"})
 # Choice: Twilio-like delivery states; inbound messages are ``received``.
 STATUSES = frozenset({"queued", "sent", "delivered", "undelivered", "failed", "received"})
+# Choice: a conversation is "open" or "closed" as the inbox shows it; the control endpoint
+# may set any other non-empty string, so a client meets a status it has never seen.
+CONVERSATION_STATUSES = frozenset({"open", "closed"})
 # Choice: a closed set of history kinds; "form_submit" is what a form submission leaves.
 HISTORY_KINDS = frozenset({"note", "sms", "email", "call", "web_chat", "form_submit"})
 
@@ -211,7 +214,11 @@ class Message:
 
 @dataclass(slots=True)
 class Conversation:
-    """A contact's thread on one channel; ``updated`` moves with every message or status."""
+    """A contact's thread on one channel; ``updated`` moves with every message or status.
+
+    ``status`` is the conversation's own state (see ``CONVERSATION_STATUSES``), not a
+    message's delivery status; a new conversation is "open".
+    """
 
     id: int
     contact_id: int
@@ -219,6 +226,7 @@ class Conversation:
     created: int
     updated: int
     message_ids: list[int] = field(default_factory=list)
+    status: str = "open"
 
 
 @dataclass(frozen=True, slots=True)
@@ -704,6 +712,20 @@ class AdSim:
         msg.status_updated = max(msg.status_updated, self.now())
         self._bump(account, msg.conversation_id)
         return msg
+
+    def set_conversation_status(self, key: str, conversation_id: int, status: str) -> Conversation:
+        """Set a conversation's status, moving its ``updated`` as a new message would.
+
+        Any non-empty string is taken (see ``CONVERSATION_STATUSES``); setting the status
+        it already has still moves ``updated``, as every contact write does.
+        """
+        if not status:
+            raise ValueError("status must not be empty")
+        account = self._account(key)
+        conv = self.conversation(key, conversation_id)
+        conv.status = status
+        self._bump(account, conv.id)
+        return conv
 
     def _bump(self, account: Account, conversation_id: int) -> None:
         conv = account.conversations[conversation_id]

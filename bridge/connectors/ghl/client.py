@@ -7,7 +7,7 @@ import random
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager
 from pathlib import Path
-from typing import Any, Protocol, TypeVar
+from typing import Any, Literal, Protocol, TypeVar
 from urllib.parse import quote, urlsplit
 
 import aiohttp
@@ -246,10 +246,18 @@ class GhlClient:
         """Have GHL deliver a message itself (``POST /conversations/messages``)."""
         return await self._write(models.SendResult, "POST", "/conversations/messages", message)
 
-    async def add_inbound_message(self, message: models.InboundMessage) -> models.ProcessedMessage:
-        """Record a message that reached the contact's side through the bridge's channel."""
+    async def add_inbound_message(
+        self,
+        message: models.InboundMessage,
+        *,
+        direction: Literal["inbound", "outbound"] = "inbound",
+    ) -> models.ProcessedMessage:
+        """Record a message of the bridge's channel; nothing is sent, whatever the direction.
+
+        "outbound" records a message the source sent to the contact.
+        """
         # The API defaults direction to outbound (API_FACTS §2.3), so it is always explicit.
-        body = models.InboundBody(**msgspec.structs.asdict(message), direction="inbound")
+        body = models.InboundBody(**msgspec.structs.asdict(message), direction=direction)
         return await self._write(
             models.ProcessedMessage, "POST", "/conversations/messages/inbound", body
         )

@@ -187,7 +187,7 @@ class InboundMessage(_Body, frozen=True, kw_only=True):
 
 class InboundBody(InboundMessage, frozen=True, kw_only=True):
     # Required (no default) so omit_defaults can never drop it.
-    direction: Literal["inbound"]
+    direction: Literal["inbound", "outbound"]
 
 
 class OutboundCall(_Body, frozen=True, kw_only=True):

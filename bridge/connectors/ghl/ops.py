@@ -8,9 +8,11 @@ person run in order.
 
 from __future__ import annotations
 
+from typing import Literal
+
 import msgspec
 
-from bridge.connectors.ghl.models import ContactUpsert, InboundType, ProviderStatus
+from bridge.connectors.ghl.models import CallStatus, ContactUpsert, InboundType, ProviderStatus
 from bridge.models import NewOp
 
 
@@ -33,10 +35,13 @@ class InboundMessage(
     """Record a source message or activity in the person's conversation (never sends it).
 
     The op's ``source_key`` is the message's own key; it becomes GHL's ``altId``.
+    ``direction`` is "outbound" for a message the source sent to the person: GHL records
+    it as sent from the business, and the inbound endpoint never delivers anything.
     """
 
     person: str
     type: InboundType = "SMS"
+    direction: Literal["inbound", "outbound"] = "inbound"
     message: str
     date: str | None = None
     subject: str | None = None
@@ -46,6 +51,8 @@ class InboundMessage(
     # added to ``attachments``; one that was dead-lettered is left out, the text still goes.
     attachment_keys: list[str] = []
     conversation_provider_id: str | None = None
+    # For type "Call": GHL's call status (completed, no-answer, voicemail, ...).
+    call_status: CallStatus | None = None
 
 
 class UploadAttachment(
@@ -56,12 +63,15 @@ class UploadAttachment(
     The file is streamed from ``url`` to the state directory and from there to GHL; a
     type GHL refuses or a file over the limit is rejected before any byte is fetched
     when ``size`` says so, and otherwise as soon as the download passes the limit.
+    With ``local`` instead of ``url`` the file is already in the state directory (a
+    call recording another op fetched); it is uploaded and kept for its retention.
     """
 
     person: str
-    url: str
+    url: str = ""
     file_name: str
     size: int | None = None
+    local: str | None = None  # path relative to the state directory
 
 
 class UpdateMessageStatus(
@@ -93,10 +103,15 @@ class SyncTags(msgspec.Struct, frozen=True, kw_only=True, tag_field="op", tag="g
 
 
 class AddNote(msgspec.Struct, frozen=True, kw_only=True, tag_field="op", tag="ghl.add_note"):
-    """A note on the contact, made once per source key (written into the body to find it)."""
+    """A note on the contact, made once per source key (written into the body to find it).
+
+    ``links`` maps a label to the source key of an UploadAttachment queued before the
+    note: a "label: <GHL url>" line is added for each, or a line saying it is missing.
+    """
 
     person: str
     body: str
+    links: dict[str, str] = {}
 
 
 class AddTask(msgspec.Struct, frozen=True, kw_only=True, tag_field="op", tag="ghl.add_task"):
@@ -117,6 +132,15 @@ class UpdateConversation(
     starred: bool | None = None
 
 
+class AssignContact(
+    msgspec.Struct, frozen=True, kw_only=True, tag_field="op", tag="ghl.assign_contact"
+):
+    """Give the contact (and so its conversation) to a GHL user: ``PUT /contacts/{id}``."""
+
+    person: str
+    user_id: str
+
+
 GhlOp = (
     UpsertContact
     | EnsureConversation
@@ -128,6 +152,7 @@ GhlOp = (
     | UpdateConversation
     | UploadAttachment
     | UpdateMessageStatus
+    | AssignContact
 )
 
 _encoder = msgspec.json.Encoder()

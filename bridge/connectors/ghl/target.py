@@ -26,6 +26,7 @@ from bridge.connectors.ghl.media import check_file
 from bridge.connectors.ghl.ops import (
     AddNote,
     AddTask,
+    AssignContact,
     ChangeTags,
     EnsureConversation,
     GhlOp,
@@ -133,11 +134,14 @@ class GhlTarget:
                 return OpResult()
             case SyncTags():
                 return await self._sync_tags(payload)
-            case AddNote(person=person, body=body):
+            case AddNote(person=person, body=body, links=links):
                 if await self._made_before(op):
                     return OpResult()
                 contact_id = await self._contact_id(person)
-                text = f"{body}\n\n{marker(op.source_key)}"
+                lines = [body]
+                if links:
+                    lines.append("\n".join([await self._link(k, v) for k, v in links.items()]))
+                text = "\n\n".join([*lines, marker(op.source_key)])
                 note = await client.add_note(contact_id, models.NewNote(body=text))
                 return _ids(op.source_key, message_id=note.id)
             case AddTask(person=person, title=title, body=body, due=due, due_in=due_in):
@@ -168,6 +172,10 @@ class GhlTarget:
                 if error:
                     problem = models.MessageError(code="source", type="delivery", message=error)
                 await client.update_message_status(sent.message_id, status, error=problem)
+                return OpResult()
+            case AssignContact(person=person, user_id=user_id):
+                contact_id = await self._contact_id(person)
+                await client.update_contact(contact_id, models.ContactUpdate(assigned_to=user_id))
                 return OpResult()
             case UpdateConversation(person=person, unread_count=unread, starred=starred):
                 conversation_id = await self._conversation_id(person)
@@ -200,15 +208,25 @@ class GhlTarget:
         check_file(upload.file_name, upload.size, client.max_upload_bytes)
         contact_id = await self._contact_id(upload.person)
         conversation_id = await self._conversation_id(upload.person)
-        media_dir = self._store.path.parent / "media"
-        await anyio.Path(media_dir).mkdir(mode=0o700, exist_ok=True)
-        # The op id keeps concurrent uploads of same-named files apart.
-        local = media_dir / f"{op.id}-{Path(upload.file_name).name}"
-        try:
-            await client.fetch_to_file(upload.url, local)
-            result = await client.upload_attachments(conversation_id, contact_id, [local])
-        finally:
-            await anyio.Path(local).unlink(missing_ok=True)
+        state_dir = self._store.path.parent
+        if upload.local is not None:
+            kept = (state_dir / upload.local).resolve()
+            if not kept.is_relative_to(state_dir.resolve()) or not kept.is_file():
+                raise Rejected(
+                    f"{upload.file_name!r} is not in the state directory (its fetch failed,"
+                    " or retention removed it): see the dead letter of its fetch"
+                )
+            result = await client.upload_attachments(conversation_id, contact_id, [kept])
+        else:
+            media_dir = state_dir / "media"
+            await anyio.Path(media_dir).mkdir(mode=0o700, exist_ok=True)
+            # The op id keeps concurrent uploads of same-named files apart.
+            local = media_dir / f"{op.id}-{Path(upload.file_name).name}"
+            try:
+                await client.fetch_to_file(upload.url, local)
+                result = await client.upload_attachments(conversation_id, contact_id, [local])
+            finally:
+                await anyio.Path(local).unlink(missing_ok=True)
         url = next(iter(result.uploaded_files.values()), None)
         if url is None:
             raise InDoubt(f"upload of {upload.file_name!r} answered without a URL")
@@ -232,6 +250,9 @@ class GhlTarget:
             uploaded = await self._store.id_map(key)
             if uploaded is not None and uploaded.url is not None:
                 attachments.append(uploaded.url)
+        call = None
+        if message.call_status is not None:
+            call = models.CallData(status=message.call_status)
         processed = await self._client.add_inbound_message(
             models.InboundMessage(
                 type=message.type,
@@ -244,9 +265,17 @@ class GhlTarget:
                 attachments=tuple(attachments) or None,
                 date=_iso(message.date) if message.date else None,
                 conversation_provider_id=message.conversation_provider_id,
-            )
+                call=call,
+            ),
+            direction=message.direction,
         )
         return _ids(op.source_key, message_id=processed.message_id)
+
+    async def _link(self, label: str, key: str) -> str:
+        uploaded = await self._store.id_map(key)
+        if uploaded is not None and uploaded.url is not None:
+            return f"{label}: {uploaded.url}"
+        return f"{label}: not uploaded (see the bridge's dead letters)"
 
     async def _contact_id(self, person: str) -> str:
         known = await self._store.id_map(person)
