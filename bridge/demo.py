@@ -55,7 +55,9 @@ name = "demo"
 location_id = "{location_id}"
 base_url = "{ghl_url}"
 auth = {{ kind = "private_token", token = "{ghl_token}" }}
+"""
 
+AN_CONFIG = """
 [[sources.action_network]]
 name = "{source}"
 location = "demo"
@@ -98,6 +100,7 @@ conversations_interval = "1s"
 name = "canvass-yes"
 keywords = ["canvass"]
 add_tags = ["canvass volunteer"]
+assign_to = "user-field-organiser"
 alert = "Call mentions {{matched}}: book them a shift"
 """
 
@@ -122,6 +125,7 @@ async def sim_world(
     seed: int = 7,
     log_level: str = "warning",
     overlap: str = "120s",
+    action_network: bool = True,
     activedemand: bool = True,
 ) -> AsyncIterator[World]:
     """Serve the seeded simulators and write a config for them (ActiveDEMAND optional)."""
@@ -145,11 +149,9 @@ async def sim_world(
             location_id=LOCATION_ID,
             ghl_url=ghl_url,
             ghl_token=token,
-            source=SOURCE,
-            an_key=keys[0],
-            an_url=an_url,
-            overlap=overlap,
         )
+        if action_network:
+            text += AN_CONFIG.format(source=SOURCE, an_key=keys[0], an_url=an_url, overlap=overlap)
         if activedemand:
             text += AD_CONFIG.format(
                 ad_source=AD_SOURCE, ad_key=ad_seeded.key, ad_app_key=ad_app_key, ad_url=ad_url

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -26,8 +28,17 @@ from bridge.connectors.activedemand import (
 )
 from bridge.connectors.ad_feeds import FeedConfig, Feeds
 from bridge.connectors.ad_models import ContactData, ConversationData, MessageData
+from bridge.connectors.ad_target import (
+    AddHistory,
+    AdOp,
+    AdTarget,
+    FetchRecording,
+    SubmitForm,
+    new_ad_op,
+    recording_file,
+)
 from bridge.errors import AuthError, Fatal, InDoubt, Rejected, Retryable
-from bridge.models import NewOp, Page, SourceEvent
+from bridge.models import NewOp, Op, Page, SourceEvent
 from bridge.pipeline import Pipeline
 from bridge.ratelimit import TokenBucket
 from bridge.secrets import Secret
@@ -791,3 +802,153 @@ async def test_the_bucket_rate_is_never_exceeded_and_429s_are_waited_out(ad: AdS
     assert retries
     assert {e["status"] for e in retries} == {429}
     assert all(e["retry_in"] >= 1.0 for e in retries)  # the sim's Retry-After: 1 is a floor
+
+
+# --------------------------------------------------------------------------- the target
+
+PERSON = f"{SOURCE}:contact:1"
+HISTORY = datetime(2000, 1, 1, tzinfo=UTC)
+
+
+@pytest.fixture
+async def store(tmp_path: Path) -> AsyncIterator[Store]:
+    async with Store.open(tmp_path / "state.db") as opened:
+        yield opened
+
+
+def as_ad_op(op: AdOp, source_key: str, *, in_doubt: bool = False) -> Op:
+    new = new_ad_op("ad:main", op, source_key=source_key)
+    return Op(
+        id=1,
+        stream="s",
+        target=new.target,
+        entity=new.entity,
+        kind=new.kind,
+        source_key=new.source_key,
+        payload=new.payload,
+        content_hash=None,
+        attempts=0,
+        in_doubt=in_doubt,
+    )
+
+
+def ad_target(ad: AdServer, store: Store, **kwargs: float) -> AdTarget:
+    return AdTarget(
+        ad.client(),
+        store,
+        max_recording_bytes=int(kwargs.get("max_bytes", 10_000_000)),
+        retention=kwargs.get("retention", 86_400.0),
+    )
+
+
+async def test_history_entry_is_made_once_and_found_again_when_in_doubt(
+    ad: AdServer, store: Store
+) -> None:
+    contact_id = str(ad.seeded.contact_ids[0])
+    entry = AddHistory(person=PERSON, contact_id=contact_id, kind="note", text="Call transcript")
+    op = as_ad_op(entry, "ad-main:message:9:transcript:ad")
+    sending = ad_target(ad, store)
+    assert await sending.reconcile(op) is None  # not there yet: send it
+    result = await sending.send(op)
+    await store.complete(op, result, now=0.0)
+    written = ad.sim.histories(KEY, source="api")
+    assert len(written) == 1
+    assert written[0].text.endswith("[bridge:ad-main:message:9:transcript:ad]")
+    assert await sending.send(op) == msgspec.structs.replace(result, updates=())
+    assert len(ad.sim.histories(KEY, source="api")) == 1
+    # A crash after the POST: a fresh state finds the entry by its marker.
+    found = await sending.reconcile(op)
+    assert found is not None
+    assert found.updates[0].message_id == str(written[0].id)
+
+
+async def test_form_submission_reads_the_contact_at_send_time(ad: AdServer, store: Store) -> None:
+    contact_id = ad.seeded.contact_ids[0]
+    contact = ad.sim.contact(KEY, contact_id)
+    form_id = ad.seeded.form_ids[0]  # Newsletter Sign-up: first, last name and e-mail
+    submit = SubmitForm(
+        person=PERSON,
+        contact_id=str(contact_id),
+        form_id=str(form_id),
+        fields={
+            "emails.email_address": "{email}",
+            "first_name": "{first_name}",
+            "last_name": "{kind}: {text}",
+        },
+        record={"kind": "alert", "text": "wants a callback"},
+    )
+    await ad_target(ad, store).send(as_ad_op(submit, "k:alert"))
+    (made,) = ad.sim.submissions(KEY, form_id)
+    assert made.values["emails.email_address"] == contact.email
+    assert made.values["first_name"] == contact.values["first_name"]
+    assert made.values["last_name"] == "alert: wants a callback"
+
+
+async def test_recording_is_fetched_once_and_pruned_after_its_retention(
+    ad: AdServer, store: Store
+) -> None:
+    call_id = str(ad.seeded.call_message_ids[0])
+    file = recording_file(SOURCE, call_id)
+    fetch = FetchRecording(person=PERSON, message_id=call_id, file=file)
+    sending = ad_target(ad, store)
+    seq = ad.sim.journal.last_seq
+    await sending.send(as_ad_op(fetch, "k:recording:fetch"))
+    kept = store.path.parent / file
+    assert kept.stat().st_size > 0
+    await sending.send(as_ad_op(fetch, "k:recording:fetch"))
+    assert len(ad.since(seq, route="/v1/messages/{id}/recording")) == 1  # kept, not fetched again
+    # Past its retention, the next sweep removes it (and a later fetch would bring it back).
+    old = kept.stat().st_mtime - 2 * 86_400
+    os.utime(kept, (old, old))
+    sweeping = ad_target(ad, store)
+    other = str(ad.seeded.call_message_ids[-1])
+    again = FetchRecording(person=PERSON, message_id=other, file=recording_file(SOURCE, other))
+    await sweeping.send(as_ad_op(again, "k2:recording:fetch"))
+    assert not kept.exists()
+    assert (store.path.parent / again.file).exists()
+
+
+async def test_oversized_recording_is_rejected_and_nothing_is_kept(
+    ad: AdServer, store: Store
+) -> None:
+    call_id = str(ad.seeded.call_message_ids[0])
+    fetch = FetchRecording(person=PERSON, message_id=call_id, file=recording_file(SOURCE, call_id))
+    with pytest.raises(Rejected, match="cap"):
+        await ad_target(ad, store, max_bytes=100).send(as_ad_op(fetch, "k:recording:fetch"))
+    assert list((store.path.parent / "recordings" / SOURCE).iterdir()) == []
+
+
+async def test_stream_reads_transcripts_and_contacts_it_has_never_seen(ad: AdServer) -> None:
+    asked: list[Sequence[str]] = []
+
+    async def nobody_known(keys: Sequence[str]) -> set[str]:
+        asked.append(keys)
+        return set()
+
+    stream = ad.conversations(known=nobody_known, backfill_since=HISTORY)
+    pages = await drain(stream, None)
+    first = pages[0].events
+    contacts = [e for e in first if e.kind == "contact"]
+    assert contacts
+    assert first[: len(contacts)] == contacts  # before any conversation of theirs
+    assert asked
+    calls = [
+        msgspec.json.decode(e.data, type=MessageData)
+        for e in events_of(pages, "message")
+        if b'"type":"call"' in e.data
+    ]
+    transcribed = [m for m in calls if m.call is not None and m.call.transcription]
+    assert transcribed
+    assert all(m.transcript and "agent: Hi, this is Sam" in m.transcript for m in transcribed)
+    assert all(m.transcript is None for m in calls if m.call and not m.call.transcription)
+
+
+async def test_stream_reads_no_contact_the_bridge_already_has(ad: AdServer) -> None:
+    async def everyone_known(keys: Sequence[str]) -> set[str]:
+        return set(keys)
+
+    stream = ad.conversations(known=everyone_known, backfill_since=HISTORY)
+    seq = ad.sim.journal.last_seq
+    pages = await drain(stream, None)
+    assert not events_of(pages, "contact")
+    assert not ad.since(seq, route="/v1/contacts/{id}.json")

@@ -199,9 +199,13 @@ def _remove_older(root: Path, before: float) -> int:
     return removed
 
 
+def decode_ad_op(payload: bytes) -> AdOp:
+    return _decoder.decode(payload)
+
+
 def _decode(op: Op) -> AdOp:
     try:
-        return _decoder.decode(op.payload)
+        return decode_ad_op(op.payload)
     except msgspec.DecodeError as exc:
         raise Rejected(f"unreadable ActiveDEMAND op payload: {exc}") from None
 
