@@ -12,11 +12,13 @@ import pytest
 from aiohttp import web
 
 from bridge.clock import SystemClock
+from bridge.connectors.ghl import models
 from bridge.connectors.ghl.client import GhlClient
 from bridge.connectors.ghl.models import ContactUpsert
 from bridge.connectors.ghl.ops import (
     AddNote,
     AddTask,
+    AssignContact,
     ChangeTags,
     EnsureConversation,
     GhlOp,
@@ -29,7 +31,7 @@ from bridge.connectors.ghl.ops import (
     new_op,
 )
 from bridge.connectors.ghl.target import GhlTarget, marker
-from bridge.models import NewOp, Page, SourceEvent, content_hash
+from bridge.models import IdMapUpdate, NewOp, Op, OpResult, Page, SourceEvent, content_hash
 from bridge.pipeline import Pipeline
 from bridge.sim.common import FaultRule, serve
 from bridge.store import Store
@@ -350,3 +352,61 @@ async def test_delivery_status_is_mirrored_to_the_message(
     await run(store, ghl_client, ScriptedStream([(person, [*ops, (status, "an:sub:7:0:status")])]))
     (message,) = ghl_server.sim.messages(location_id=ghl_server.location_id)
     assert message["status"] == "read"
+
+
+async def test_status_refused_right_after_a_send_is_retried_not_dead_lettered(
+    store: Store,
+    ghl_client: GhlClient,
+    ghl_server: GhlServer,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # GHL answers 403 "No conversation provider found" for ~10 s after a send
+    # (API_FACTS §8); the op must wait and try again, never land in the dead letters.
+    monkeypatch.setattr("bridge.rest._PROVIDER_RACE_DELAY", 0.3)
+    ghl_server.sim.status_403_window = 0.5
+    person, ops = person_ops(8, messages=0)
+    await run(store, ghl_client, ScriptedStream([(person, ops)]))
+    known = await store.id_map(person)
+    assert known is not None
+    assert known.contact_id is not None
+    sent = await ghl_client.send_message(
+        models.SendMessage(type="SMS", contact_id=known.contact_id, message="Thanks!")
+    )
+    key = "ad-main:message:sent-1"
+    await store.complete(
+        _done_op(key),
+        OpResult(updates=(IdMapUpdate(source_key=key, message_id=sent.message_id),)),
+        now=0.0,
+    )
+    status = UpdateMessageStatus(person=person, message_key=key, status="delivered")
+    stream = ScriptedStream([("status-event", [(status, f"{key}:status")])])
+    pipeline = await run(store, ghl_client, stream)
+    assert pipeline.summary.ops_retried >= 1
+    assert pipeline.summary.dead_lettered == 0
+    (message,) = [m for m in ghl_server.sim.messages() if m["id"] == sent.message_id]
+    assert message["status"] == "delivered"
+
+
+async def test_assign_contact_sets_the_owner(
+    store: Store, ghl_client: GhlClient, ghl_server: GhlServer
+) -> None:
+    person, ops = person_ops(9, messages=0)
+    assign = AssignContact(person=person, user_id="user-organiser-1")
+    await run(store, ghl_client, ScriptedStream([(person, [*ops, (assign, f"{person}:assign")])]))
+    (contact,) = [c for c in ghl_server.sim.contacts() if c["email"] == "p9@example.org"]
+    assert contact["assignedTo"] == "user-organiser-1"
+
+
+def _done_op(key: str) -> Op:
+    return Op(
+        id=0,
+        stream="s",
+        target=TARGET,
+        entity=key,
+        kind="test",
+        source_key=key,
+        payload=b"{}",
+        content_hash=None,
+        attempts=0,
+        in_doubt=False,
+    )
