@@ -17,7 +17,7 @@ import pytest
 import pytest_asyncio
 
 from bridge.demo import AD_SOURCE, World, ghl_writes, sim_world
-from bridge.sim.ad_data import default_recording
+from bridge.sim.activedemand_state import default_recording
 from tests.test_an_e2e import bridge
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
