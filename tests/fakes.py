@@ -152,3 +152,19 @@ def settings(**overrides: float) -> PipelineConfig:
     }
     counts = {k: int(v) for k, v in overrides.items() if k not in durations}
     return msgspec.structs.replace(fast, **durations, **counts)
+
+
+def outbox_op(new: NewOp, *, op_id: int = 1, in_doubt: bool = False) -> Op:
+    """The outbox row a sender would get for ``new``: for driving a target directly."""
+    return Op(
+        id=op_id,
+        stream="s",
+        target=new.target,
+        entity=new.entity,
+        kind=new.kind,
+        source_key=new.source_key,
+        payload=new.payload,
+        content_hash=new.content_hash,
+        attempts=0,
+        in_doubt=in_doubt,
+    )

@@ -49,7 +49,7 @@ from bridge.sim.an_data import ANCHOR, DAY
 from bridge.sim.common import serve
 from bridge.store import Store
 from bridge.streams import Mapper, format_utc
-from tests.fakes import FakeTarget, settings
+from tests.fakes import FakeTarget, outbox_op, settings
 
 KEY = "ad-test-key-4f1e9a7c2b8d6e0f13579bdf"
 APP = "ad-partner-app-key-2468ace0"
@@ -816,20 +816,8 @@ async def store(tmp_path: Path) -> AsyncIterator[Store]:
         yield opened
 
 
-def as_ad_op(op: AdOp, source_key: str, *, in_doubt: bool = False) -> Op:
-    new = new_ad_op("ad:main", op, source_key=source_key)
-    return Op(
-        id=1,
-        stream="s",
-        target=new.target,
-        entity=new.entity,
-        kind=new.kind,
-        source_key=new.source_key,
-        payload=new.payload,
-        content_hash=None,
-        attempts=0,
-        in_doubt=in_doubt,
-    )
+def as_ad_op(op: AdOp, source_key: str) -> Op:
+    return outbox_op(new_ad_op("ad:main", op, source_key=source_key))
 
 
 def ad_target(ad: AdServer, store: Store, **kwargs: float) -> AdTarget:

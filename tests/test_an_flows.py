@@ -19,6 +19,7 @@ from bridge.flows.action_network import ActionNetworkFlow
 from bridge.models import IdMapUpdate, Op, OpResult, SourceEvent, content_hash
 from bridge.secrets import Secret
 from bridge.store import Store
+from tests.fakes import outbox_op
 
 KEY = "an-main:person:p1"
 
@@ -294,19 +295,7 @@ async def store(tmp_path: Path) -> AsyncIterator[Store]:
 
 
 def as_op(write: WriteBackIds) -> Op:
-    new = write_back_op("an:an-main", write)
-    return Op(
-        id=1,
-        stream="s",
-        target=new.target,
-        entity=new.entity,
-        kind=new.kind,
-        source_key=new.source_key,
-        payload=new.payload,
-        content_hash=None,
-        attempts=0,
-        in_doubt=False,
-    )
+    return outbox_op(write_back_op("an:an-main", write))
 
 
 async def test_write_back_sends_only_what_differs(store: Store) -> None:

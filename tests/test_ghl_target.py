@@ -31,12 +31,12 @@ from bridge.connectors.ghl.ops import (
     new_op,
 )
 from bridge.connectors.ghl.target import GhlTarget, marker
-from bridge.models import IdMapUpdate, NewOp, Op, OpResult, Page, SourceEvent, content_hash
+from bridge.models import IdMapUpdate, NewOp, OpResult, Page, SourceEvent, content_hash
 from bridge.pipeline import Pipeline
 from bridge.sim.common import FaultRule, serve
 from bridge.store import Store
 from tests.conftest import GhlServer
-from tests.fakes import settings
+from tests.fakes import outbox_op, settings
 
 TARGET = "ghl:main"
 
@@ -374,7 +374,7 @@ async def test_status_refused_right_after_a_send_is_retried_not_dead_lettered(
     )
     key = "ad-main:message:sent-1"
     await store.complete(
-        _done_op(key),
+        outbox_op(NewOp(target=TARGET, entity=key, kind="test", source_key=key, payload=b"{}")),
         OpResult(updates=(IdMapUpdate(source_key=key, message_id=sent.message_id),)),
         now=0.0,
     )
@@ -395,18 +395,3 @@ async def test_assign_contact_sets_the_owner(
     await run(store, ghl_client, ScriptedStream([(person, [*ops, (assign, f"{person}:assign")])]))
     (contact,) = [c for c in ghl_server.sim.contacts() if c["email"] == "p9@example.org"]
     assert contact["assignedTo"] == "user-organiser-1"
-
-
-def _done_op(key: str) -> Op:
-    return Op(
-        id=0,
-        stream="s",
-        target=TARGET,
-        entity=key,
-        kind="test",
-        source_key=key,
-        payload=b"{}",
-        content_hash=None,
-        attempts=0,
-        in_doubt=False,
-    )
