@@ -186,6 +186,12 @@ EVENT_KIND = "event"
 """Dead-letter ``kind`` for a source event that failed to map (as opposed to an op)."""
 
 
+def marker(source_key: str) -> str:
+    """The line the bridge writes into a note, task or history entry so it can find its own
+    record again when an op's outcome is unknown."""
+    return f"[bridge:{source_key}]"
+
+
 def content_hash(data: bytes) -> str:
     """A short stable digest of a record's content, to skip unchanged records."""
     return hashlib.blake2b(data, digest_size=16).hexdigest()

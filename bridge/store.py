@@ -576,6 +576,12 @@ class Store:
             url=row[7],
         )
 
+    async def made_before(self, source_key: str) -> bool:
+        """Whether the target record of this key exists (its id is mapped): messages, notes,
+        tasks and history entries are made once per source key, whatever their text says now."""
+        known = await self.id_map(source_key)
+        return known is not None and known.message_id is not None
+
     async def contact_tags(self, keys: Sequence[str]) -> dict[str, tuple[str, ...]]:
         """For each key that has a GHL contact: the source tags last applied to it."""
         found: dict[str, tuple[str, ...]] = {}

@@ -30,8 +30,8 @@ from bridge.connectors.ghl.ops import (
     UpsertContact,
     new_op,
 )
-from bridge.connectors.ghl.target import GhlTarget, marker
-from bridge.models import IdMapUpdate, NewOp, OpResult, Page, SourceEvent, content_hash
+from bridge.connectors.ghl.target import GhlTarget
+from bridge.models import IdMapUpdate, NewOp, OpResult, Page, SourceEvent, content_hash, marker
 from bridge.pipeline import Pipeline
 from bridge.sim.common import FaultRule, serve
 from bridge.store import Store

@@ -25,7 +25,7 @@ from bridge.connectors.ad_client import AdClient
 from bridge.connectors.ad_models import ContactData
 from bridge.errors import Rejected
 from bridge.mapping import render
-from bridge.models import IdMapUpdate, NewOp, Op, OpResult
+from bridge.models import IdMapUpdate, NewOp, Op, OpResult, marker
 from bridge.store import Store
 
 log = structlog.get_logger("bridge.connectors.ad_target")
@@ -93,10 +93,6 @@ def recording_file(source: str, message_id: str) -> str:
     return f"{RECORDINGS_DIR}/{source}/{message_id}.wav"
 
 
-def marker(source_key: str) -> str:
-    return f"[bridge:{source_key}]"
-
-
 def contact_record(contact: ContactData | None) -> dict[str, object]:
     """What form templates read of the contact."""
     if contact is None:
@@ -130,13 +126,13 @@ class AdTarget:
     async def send(self, op: Op) -> OpResult:
         match _decode(op):
             case AddHistory() as history:
-                if await self._made_before(op):
+                if await self._store.made_before(op.source_key):
                     return OpResult()
                 text = f"{history.text}\n\n{marker(op.source_key)}"
                 made = await self._client.add_history(history.contact_id, history.kind, text)
                 return _made(op, made)
             case SubmitForm() as form:
-                if await self._made_before(op):
+                if await self._store.made_before(op.source_key):
                     return OpResult()
                 found = await self._client.find_contacts([form.contact_id])
                 contact = found.get(form.contact_id)
@@ -159,10 +155,6 @@ class AdTarget:
                 return None
             case _:
                 return None  # a form is sent again (see the module note); a fetch is idempotent
-
-    async def _made_before(self, op: Op) -> bool:
-        known = await self._store.id_map(op.source_key)
-        return known is not None and known.message_id is not None
 
     async def _fetch(self, fetch: FetchRecording) -> OpResult:
         state_dir = self._store.path.parent

@@ -39,7 +39,7 @@ from bridge.connectors.ghl.ops import (
     decode_op,
 )
 from bridge.errors import InDoubt, Rejected, Retryable
-from bridge.models import IdMapUpdate, Op, OpResult
+from bridge.models import IdMapUpdate, Op, OpResult, marker
 from bridge.store import Store
 
 log = structlog.get_logger("bridge.ghl.target")
@@ -52,11 +52,6 @@ the op is dead-lettered instead of retried until max_attempts."""
 HEALTHY_WINDOW = 60.0
 """A 5xx counts against the op only if the location answered a call well this recently;
 during an outage every op would fail alike, and none of them is bad input."""
-
-
-def marker(source_key: str) -> str:
-    """The line the bridge puts in notes and tasks so it can find them again."""
-    return f"[bridge:{source_key}]"
 
 
 class GhlTarget:
@@ -135,7 +130,7 @@ class GhlTarget:
             case SyncTags():
                 return await self._sync_tags(payload)
             case AddNote(person=person, body=body, links=links):
-                if await self._made_before(op):
+                if await self._store.made_before(op.source_key):
                     return OpResult()
                 contact_id = await self._contact_id(person)
                 lines = [body]
@@ -145,7 +140,7 @@ class GhlTarget:
                 note = await client.add_note(contact_id, models.NewNote(body=text))
                 return _ids(op.source_key, message_id=note.id)
             case AddTask(person=person, title=title, body=body, due=due, due_in=due_in):
-                if await self._made_before(op):
+                if await self._store.made_before(op.source_key):
                     return OpResult()
                 contact_id = await self._contact_id(person)
                 if due is not None:
@@ -199,8 +194,7 @@ class GhlTarget:
         return OpResult(updates=(IdMapUpdate(source_key=sync.person, tags=tuple(sorted(wanted))),))
 
     async def _upload(self, op: Op, upload: UploadAttachment) -> OpResult:
-        done = await self._store.id_map(op.source_key)
-        if done is not None and done.url is not None:
+        if await self._uploaded_url(op.source_key) is not None:
             return OpResult()
         client = self._client
         # Checked before the download when the source declares a size, and while
@@ -232,24 +226,16 @@ class GhlTarget:
             raise InDoubt(f"upload of {upload.file_name!r} answered without a URL")
         return OpResult(updates=(IdMapUpdate(source_key=op.source_key, url=url),))
 
-    async def _made_before(self, op: Op) -> bool:
-        """Whether the record under this op's key already exists in GHL (its id is mapped).
-
-        Messages, notes and tasks are made once per source key, whatever their text says now.
-        """
-        known = await self._store.id_map(op.source_key)
-        return known is not None and known.message_id is not None
-
     async def _inbound(self, op: Op, message: InboundMessage) -> OpResult:
-        if await self._made_before(op):
+        if await self._store.made_before(op.source_key):
             return OpResult()  # delivered before (a replay or a re-queued record)
         contact_id = await self._contact_id(message.person)
         conversation_id = await self._conversation_id(message.person)
         attachments = list(message.attachments)
         for key in message.attachment_keys:
-            uploaded = await self._store.id_map(key)
-            if uploaded is not None and uploaded.url is not None:
-                attachments.append(uploaded.url)
+            url = await self._uploaded_url(key)
+            if url is not None:
+                attachments.append(url)
         call = None
         if message.call_status is not None:
             call = models.CallData(status=message.call_status)
@@ -272,10 +258,13 @@ class GhlTarget:
         return _ids(op.source_key, message_id=processed.message_id)
 
     async def _link(self, label: str, key: str) -> str:
+        url = await self._uploaded_url(key)
+        return f"{label}: {url or _NOT_UPLOADED}"
+
+    async def _uploaded_url(self, key: str) -> str | None:
+        """Where an UploadAttachment op put its file in GHL; None if it never succeeded."""
         uploaded = await self._store.id_map(key)
-        if uploaded is not None and uploaded.url is not None:
-            return f"{label}: {uploaded.url}"
-        return f"{label}: not uploaded (see the bridge's dead letters)"
+        return uploaded.url if uploaded is not None else None
 
     async def _contact_id(self, person: str) -> str:
         known = await self._store.id_map(person)
@@ -310,6 +299,9 @@ class GhlTarget:
                 " succeed: treating it as bad input)"
             )
         return exc
+
+
+_NOT_UPLOADED = "not uploaded (see the bridge's dead letters)"
 
 
 def _decode(op: Op) -> GhlOp:
