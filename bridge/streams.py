@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 
 import msgspec
 
+from bridge.clock import Clock
 from bridge.errors import Fatal
 from bridge.models import NewOp, SourceEvent, content_hash
 
@@ -31,6 +33,12 @@ def format_utc(value: datetime | float) -> str:
     else:
         when = value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
     return when.strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def signpost_at(clock: Clock, index_lag: float) -> datetime:
+    """The latest cursor a poll starting now may store: whole seconds, ``index_lag`` behind,
+    in case the source's change filter lags its writes."""
+    return datetime.fromtimestamp(math.floor(clock.time() - index_lag), UTC)
 
 
 def parse_cursor(cursor: str, *, stream: str) -> datetime:

@@ -25,7 +25,6 @@ people an hour per key (4/s over ~6 requests each); a bigger burst lags, then ca
 
 from __future__ import annotations
 
-import math
 import random
 from collections import OrderedDict
 from collections.abc import AsyncGenerator, AsyncIterator, Mapping, Sequence
@@ -60,7 +59,14 @@ from bridge.connectors.an_models import (
 from bridge.errors import Fatal, Rejected, Retryable
 from bridge.models import NewOp, Page, SourceEvent
 from bridge.ratelimit import TokenBucket
-from bridge.streams import Mapper, format_utc, make_event, parse_cursor, unmapped
+from bridge.streams import (
+    Mapper,
+    format_utc,
+    make_event,
+    parse_cursor,
+    signpost_at,
+    unmapped,
+)
 
 __all__ = [
     "DEFAULT_INDEX_LAG",
@@ -439,7 +445,7 @@ class AnPeopleStream:
 
     def signpost(self) -> datetime:
         """The latest cursor a poll starting now may store."""
-        return datetime.fromtimestamp(math.floor(self._clock.time() - self._index_lag), UTC)
+        return signpost_at(self._clock, self._index_lag)
 
     async def pages(self, cursor: str | None) -> AsyncGenerator[Page, None]:
         signpost = self.signpost()

@@ -7,7 +7,6 @@ The client lives in :mod:`bridge.connectors.ad_client` and is re-exported here, 
 
 from __future__ import annotations
 
-import math
 from collections import OrderedDict
 from collections.abc import AsyncGenerator, Awaitable, Callable, Sequence
 from datetime import UTC, datetime, timedelta
@@ -33,7 +32,14 @@ from bridge.connectors.ad_models import (
 )
 from bridge.errors import Rejected
 from bridge.models import NewOp, Page, SourceEvent
-from bridge.streams import Mapper, format_utc, make_event, parse_cursor, unmapped
+from bridge.streams import (
+    Mapper,
+    format_utc,
+    make_event,
+    parse_cursor,
+    signpost_at,
+    unmapped,
+)
 
 __all__ = [
     "APP_KEY_HEADER",
@@ -230,7 +236,8 @@ class AdConversationsStream:
         if tracked < 1:
             raise ValueError(f"tracked must be at least 1, got {tracked}")
         self.source = source
-        self.name = f"{source}.conversations" + (".backfill" if backfill_since else "")
+        suffix = ".backfill" if backfill_since is not None else ""
+        self.name = f"{source}.conversations{suffix}"
         self.poll_interval = poll_interval
         self._client = client
         self._clock = clock
@@ -271,7 +278,7 @@ class AdConversationsStream:
 
     def signpost(self) -> datetime:
         """The latest cursor a poll starting now may store."""
-        return datetime.fromtimestamp(math.floor(self._clock.time() - self._index_lag), UTC)
+        return signpost_at(self._clock, self._index_lag)
 
     async def pages(self, cursor: str | None) -> AsyncGenerator[Page, None]:
         signpost = self.signpost()
@@ -345,7 +352,7 @@ class AdConversationsStream:
         if not keys:
             return []
         known = await self._known(sorted(keys))
-        missing = {cid for key, cid in keys.items() if cid is not None and key not in known}
+        missing = {cid for key, cid in keys.items() if key not in known}
         if not missing:
             return []
         found = await self._client.find_contacts(missing)
