@@ -132,6 +132,12 @@ MIGRATIONS: tuple[str, ...] = (
     """
     ALTER TABLE id_map ADD COLUMN url TEXT;
     """,
+    # The reverse stream asks "did the bridge write this GHL message?" and "which source
+    # records is this GHL contact?" for every message it reads.
+    """
+    CREATE INDEX id_map_message ON id_map (message_id) WHERE message_id IS NOT NULL;
+    CREATE INDEX id_map_contact ON id_map (contact_id) WHERE contact_id IS NOT NULL;
+    """,
 )
 
 _OP_COLUMNS = (
