@@ -22,13 +22,15 @@ from bridge.connectors.an_target import AnWriteBackTarget
 from bridge.connectors.ghl.auth import token_source
 from bridge.connectors.ghl.client import GhlClient, TokenSource
 from bridge.connectors.ghl.probe import ScopeCheck, check_location
+from bridge.connectors.ghl.reverse import GhlMessagesStream
 from bridge.connectors.ghl.target import GhlTarget
-from bridge.errors import AuthError, ConfigError
+from bridge.errors import AuthError, ConfigError, Fatal, Retryable
 from bridge.flows.action_network import ActionNetworkFlow
 from bridge.flows.activedemand import ActiveDemandFlow
+from bridge.flows.reverse import ReverseFlow
 from bridge.models import BudgetRow
 from bridge.pipeline import Pipeline, RunSummary, Stream, Target
-from bridge.ratelimit import Limiters
+from bridge.ratelimit import Limiters, ShareOf
 from bridge.redact import register_secret
 from bridge.rest import make_session
 from bridge.shutdown import install_stop_signals
@@ -56,6 +58,7 @@ def stream_names(config: Config) -> list[str]:
         f"{s.name}.taggings" for s in config.sources.action_network if "taggings" in s.streams
     ]
     names += [f"{s.name}.{stream}" for s in config.sources.activedemand for stream in s.streams]
+    names += [f"{loc.name}.messages" for loc in config.ghl.locations if reads_back(config, loc)]
     return names
 
 
@@ -79,11 +82,35 @@ def ad_flow(config: Config, source: ActiveDemandSource) -> ActiveDemandFlow:
     )
 
 
+def reverse_flow(config: Config, location: GhlLocation) -> ReverseFlow:
+    """What the location's GHL messages become in the sources that send to it."""
+    return ReverseFlow(
+        location,
+        ghl_target=ghl_target_name(location.name),
+        action_network={
+            s.name: (s, an_target_name(s.name))
+            for s in config.sources.action_network
+            if s.location == location.name
+        },
+        activedemand={
+            s.name: (s, ad_target_name(s.name))
+            for s in config.sources.activedemand
+            if s.location == location.name
+        },
+    )
+
+
+def reads_back(config: Config, location: GhlLocation) -> bool:
+    """Whether the location has a reverse stream: enabled, and some source mirrors."""
+    return location.reverse.enabled and reverse_flow(config, location).active
+
+
 class Flows(msgspec.Struct, frozen=True, kw_only=True):
-    """Every source's compiled flow, by source name."""
+    """Every source's compiled flow, by source name; the reverse flows by location."""
 
     action_network: dict[str, ActionNetworkFlow]
     activedemand: dict[str, ActiveDemandFlow]
+    reverse: dict[str, ReverseFlow]
 
 
 def compile_flows(config: Config) -> Flows:
@@ -91,6 +118,11 @@ def compile_flows(config: Config) -> Flows:
     return Flows(
         action_network={s.name: an_flow(config, s) for s in config.sources.action_network},
         activedemand={s.name: ad_flow(config, s) for s in config.sources.activedemand},
+        reverse={
+            loc.name: reverse_flow(config, loc)
+            for loc in config.ghl.locations
+            if reads_back(config, loc)
+        },
     )
 
 
@@ -145,7 +177,14 @@ class App:
         self.clock = clock
         self.session = session
         self.locations = list(locations)
-        self.pipeline = Pipeline(store, streams, targets, config.pipeline, clock)
+        self.pipeline = Pipeline(
+            store,
+            streams,
+            targets,
+            config.pipeline,
+            clock,
+            locations={ghl_target_name(loc.name): loc.name for loc in config.ghl.locations},
+        )
 
     async def check_locations_of(
         self, locations: Sequence[GhlLocationParts]
@@ -167,15 +206,43 @@ class App:
         return results
 
     async def verify_locations(self) -> None:
-        """Refuse to start while a location's token is bad or lacks a scope."""
-        for name, checks in (await self.check_locations_of(self.locations)).items():
+        """Check every location's token and scopes, all at once, before the run starts.
+
+        A location that fails is marked down (its ops wait; it is probed again after
+        ``pipeline.target_recheck``) and the others start. Only when every location fails
+        does the start fail, with the first one's error: nothing useful could run.
+        """
+        failures = [
+            failure
+            for failure in await asyncio.gather(*(self._verify(p) for p in self.locations))
+            if failure is not None
+        ]
+        if failures and len(failures) == len(self.locations):
+            raise failures[0]
+
+    async def _verify(self, parts: GhlLocationParts) -> Fatal | None:
+        """One location's start-up check; returns its error when it is unusable."""
+        name = parts.config.name
+        target = ghl_target_name(name)
+        try:
+            checks = (await self.check_locations_of([parts]))[name]
             missing = [c.scope for c in checks if not c.ok]
             if missing:
                 raise AuthError(
                     f"GHL location {name!r} lacks scope(s) {', '.join(missing)}: grant them to"
                     " the app or private integration, then start again"
                 )
-            log.info("location_verified", location=name)
+        except Fatal as exc:
+            await self.pipeline.health.mark_target_down(target, exc)
+            return exc
+        except Retryable as exc:
+            # Unreachable or rate limited says nothing about the token; the location's
+            # ops meet the same and go through the ordinary retries.
+            log.warning("location_unverified", location=name, error=str(exc))
+            return None
+        log.info("location_verified", location=name)
+        await self.pipeline.health.mark_target_up(target)
+        return None
 
     async def run(self, *, once: bool) -> RunSummary:
         """Run the pipeline with signal handling and the periodic budget report."""
@@ -260,6 +327,19 @@ async def open_app(
             )
             locations.append(GhlLocationParts(config=loc, auth=auth, client=client))
             targets[ghl_target_name(loc.name)] = GhlTarget(client, store, clock=clock)
+            if loc.name in flows.reverse and backfill is None:
+                share = ShareOf(
+                    limiters.get("ghl", loc.name), fraction=loc.reverse.share, clock=clock
+                )
+                reader = GhlClient(
+                    session,
+                    base_url=loc.base_url,
+                    location_id=loc.location_id,
+                    bucket=share,
+                    auth=auth,
+                    clock=clock,
+                )
+                streams.append(reverse_stream(loc, reader, store, config, flows, clock))
         for source in config.sources.action_network:
             an_client = AnClient.from_config(
                 session,
@@ -280,6 +360,7 @@ async def open_app(
                     mapper=flow,
                     backfill_since=since,
                     own_fields=flow.own_fields,
+                    own_tags=flow.own_tags,
                 )
             )
             if "taggings" in source.streams and backfill is None:
@@ -291,6 +372,7 @@ async def open_app(
                         clock=clock,
                         mapper=flow,
                         poll_interval=float(source.taggings_interval),
+                        own_tags=flow.own_tags,
                     )
                 )
         for ad in config.sources.activedemand:
@@ -331,6 +413,28 @@ async def open_app(
         yield App(
             config, store, limiters, streams, targets, clock, session=session, locations=locations
         )
+
+
+def reverse_stream(
+    location: GhlLocation,
+    client: GhlClient,
+    store: Store,
+    config: Config,
+    flows: Flows,
+    clock: Clock,
+) -> GhlMessagesStream:
+    """The location's reverse stream; ``client`` reads through its share of the budget."""
+    names = [s.name for s in config.sources.action_network]
+    names += [s.name for s in config.sources.activedemand]
+    return GhlMessagesStream(
+        client,
+        store,
+        location=location.name,
+        settings=location.reverse,
+        own_prefixes=names,
+        clock=clock,
+        mapper=flows.reverse[location.name],
+    )
 
 
 def ghl_target_name(location: str) -> str:

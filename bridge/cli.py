@@ -1,4 +1,5 @@
-"""The ``bridge`` command line: run, once, backfill, demo, check, status, dlq, map, auth, sim."""
+"""The ``bridge`` command line: run, once, backfill, demo, check, status, summarize, dlq, map,
+auth, sim."""
 
 from __future__ import annotations
 
@@ -22,7 +23,7 @@ from bridge.connectors.ghl.auth import OAuthTokens
 from bridge.connectors.ghl.login import login
 from bridge.demo import demo
 from bridge.errors import EX_CONFIG, EX_USAGE, ConfigError, Fatal, Retryable
-from bridge.models import DeadLetter
+from bridge.models import DeadLetter, content_hash
 from bridge.observability.logs import configure_logging
 from bridge.preview import map_preview
 from bridge.redact import redact
@@ -34,7 +35,9 @@ from bridge.sim.an_data import build_sim as build_an_sim
 from bridge.sim.common import run_forever
 from bridge.sim.ghl import build_app as build_ghl_app
 from bridge.sim.ghl_state import GhlSim
+from bridge.status import status as status_report
 from bridge.store import Store
+from bridge.summary import has_activity, summary_text
 
 DEFAULT_CONFIG = "/etc/bridge/config.toml"
 EXIT_FAILED = 1
@@ -84,6 +87,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     status = commands.add_parser("status", help="cursors, outbox, dead letters, budgets")
     status.add_argument("--json", action="store_true", help="machine-readable output")
+    summarize = commands.add_parser(
+        "summarize",
+        help="print a person's summary note text from the state file (no API calls)",
+    )
+    summarize.add_argument(
+        "--contact", required=True, type=_email, metavar="EMAIL", help="the person's e-mail"
+    )
+    summarize.add_argument(
+        "--source", help="Action Network source name, when the e-mail is in several"
+    )
 
     dlq = commands.add_parser("dlq", help="inspect and replay dead letters")
     dlq_commands = dlq.add_subparsers(dest="dlq_command", metavar="ACTION", required=True)
@@ -142,6 +155,13 @@ def _date(text: str) -> datetime:
         raise argparse.ArgumentTypeError(f"expected a date YYYY-MM-DD, got {text!r}") from None
 
 
+def _email(text: str) -> str:
+    address = text.strip()
+    if "@" not in address or any(c.isspace() for c in address):
+        raise argparse.ArgumentTypeError(f"expected an e-mail address, got {text!r}")
+    return address
+
+
 def _positive_int(text: str) -> int:
     try:
         value = int(text)
@@ -186,6 +206,8 @@ async def _dispatch(args: argparse.Namespace, config: Config, out: TextIO) -> in
         return await _status(config, out, as_json=args.json)
     if command == "dlq":
         return await _dlq(args, config, out)
+    if command == "summarize":
+        return await _summarize(config, args.contact, args.source, out)
     if command == "auth":
         return await _auth_login(config, args.location, args.code, out)
     if command == "map":
@@ -281,73 +303,52 @@ def _run_sim(args: argparse.Namespace) -> int:
 # -- status -------------------------------------------------------------------------------------
 
 
-def _age(seconds: float) -> str:
-    seconds = max(0.0, seconds)
-    for unit, size in (("d", 86_400), ("h", 3_600), ("m", 60)):
-        if seconds >= size:
-            return f"{seconds / size:.1f}{unit}"
-    return f"{seconds:.0f}s"
-
-
 async def _status(config: Config, out: TextIO, *, as_json: bool) -> int:
+    """Cursors, outbox, dead letters, budgets and health, grouped by GHL location."""
+    return await status_report(config, out, as_json=as_json)
+
+
+# -- summaries ----------------------------------------------------------------------------------
+
+
+async def _summarize(config: Config, email: str, source: str | None, out: TextIO) -> int:
+    """Print the summary text of the people with this e-mail: what their GHL note holds."""
+    names = [s.name for s in config.sources.action_network]
+    if source is not None and source not in names:
+        known = ", ".join(names) or "none"
+        print(
+            f"bridge: no Action Network source named {source!r} (known: {known})", file=sys.stderr
+        )
+        return EX_USAGE
     path = Path(config.state.path)
     if not path.exists():  # noqa: ASYNC240 - one stat before any I/O starts
-        out.write(f"no state yet at {path}: the daemon has not run\n")
-        return 0
-    now = time.time()
+        print(f"bridge: no state yet at {path}: the daemon has not run", file=sys.stderr)
+        return EXIT_FAILED
     async with Store.open(path) as store:
-        cursors = {c.stream: c for c in await store.cursors()}
-        counts = await store.outbox_counts()
-        dead = await store.dead_letter_count()
-        reasons = await store.dead_letter_reasons()
-        budgets = await store.budgets()
-    names = sorted(set(stream_names(config)) | set(cursors))
-    report = {
-        "state": str(path),
-        "streams": [
-            {
-                "stream": name,
-                "cursor": cursors[name].value if name in cursors else None,
-                "cursor_age_seconds": now - cursors[name].updated_at if name in cursors else None,
-            }
-            for name in names
-        ],
-        "outbox": counts,
-        "dead_letters": {"total": dead, "by_reason": reasons},
-        "budgets": [msgspec.structs.asdict(b) for b in budgets],
-    }
-    if as_json:
-        out.write(msgspec.json.encode(report).decode() + "\n")
-        return 0
-    out.write(f"state: {path}\nstreams:\n")
-    for name in names:
-        if name in cursors:
-            row = cursors[name]
-            out.write(
-                f"  {name:<32} cursor {row.value:<28} moved {_age(now - row.updated_at)} ago\n"
+        keys = await store.summary_keys_by_email(email)
+        if source is not None:
+            keys = [k for k in keys if k.startswith(f"{source}:")]
+        states = [s for s in [await store.summary(k) for k in keys] if s is not None]
+    if not states:
+        print(
+            f"bridge: no summary for {email}: no person with that e-mail has been synced"
+            " with summaries enabled",
+            file=sys.stderr,
+        )
+        return EXIT_FAILED
+    for index, state in enumerate(states):
+        text = summary_text(state)
+        out.write(("\n" if index else "") + text + "\n")
+        if not has_activity(state.items):
+            print(
+                f"bridge: {state.contact_key} has no activity yet: no note in GHL", file=sys.stderr
             )
-        else:
-            out.write(f"  {name:<32} never polled\n")
-    out.write(
-        "outbox: "
-        + " · ".join(f"{state.replace('_', ' ')} {n}" for state, n in counts.items())
-        + "\n"
-    )
-    out.write(f"dead letters: {dead}\n")
-    for reason, n in list(reasons.items())[:10]:
-        out.write(f"  {n:>6} x {reason[:100]}\n")
-    out.write("budgets (as last reported by the daemon):\n")
-    for b in budgets:
-        daily = f"{b.used_today}/{b.daily_cap}" if b.daily_cap else f"{b.used_today}"
-        paused = (
-            f", paused until {time.strftime('%H:%M:%S', time.gmtime(b.paused_until))}Z"
-            if b.paused_until and b.paused_until > now
-            else ""
-        )
-        out.write(
-            f"  {b.api}/{b.tenant:<20} {b.available}/{b.capacity} free per {b.window:g}s,"
-            f" today {daily}{paused}, reported {_age(now - b.updated_at)} ago\n"
-        )
+        elif content_hash(text.encode()) != state.digest:
+            print(
+                f"bridge: the GHL note of {state.contact_key} is behind this text"
+                " (ops pending or dead-lettered: see `bridge status`)",
+                file=sys.stderr,
+            )
     return 0
 
 

@@ -67,7 +67,8 @@ class LoggingConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_
 
 
 class PipelineConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
-    # Producers pause above this many pending ops, so memory stays flat whatever the backlog.
+    # A stream pauses above this many open ops of its own, so the backlog stays bounded and
+    # one location's stalled backlog does not pause the streams of another.
     outbox_high_water: PositiveInt = 10000
     # Sender partitions; one entity always maps to one partition, which keeps its ops in order.
     senders: PositiveInt = 8
@@ -83,6 +84,9 @@ class PipelineConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw
     drain_grace: Duration = Duration(30.0)
     # How often the dispatcher looks for retries that have come due.
     idle_poll: Duration = Duration(1.0)
+    # A target or stream found down (revoked token, missing scope) is left alone this long,
+    # then one op (or one poll) is let through to see whether it is back.
+    target_recheck: Duration = Duration(300.0)
 
 
 class GhlLimits(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
@@ -140,6 +144,28 @@ class OAuthAuth(
     company_id: str | None = None
 
 
+class ReverseSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    # Read this location's messages back (replies written in GHL, delivery statuses) and
+    # mirror them into the sources that ask for it. Runs only when some source of the
+    # location mirrors something.
+    enabled: bool = True
+    poll_interval: Duration = Duration(60.0)
+    # The most of the location's request budget the reverse stream may use, so reading
+    # never starves the forward writes.
+    share: Annotated[float, msgspec.Meta(gt=0, le=1)] = 0.2
+    # "export" (GET /conversations/messages/export), "search" (conversation search plus
+    # each changed conversation's messages: sees new messages, not later status changes),
+    # or "auto": export, and search when the token may not export.
+    mode: Literal["auto", "export", "search"] = "auto"
+    # Also read e-mails: the export leaves them out unless asked by channel.
+    email: bool = True
+    page_size: Annotated[int, msgspec.Meta(ge=10, le=500)] = 100
+    # How far back the very first poll starts (0: only messages from the first start on).
+    lookback: Duration = Duration(0.0)
+    # Search mode re-reads this much before its last position: search lags writes.
+    overlap: Duration = Duration(60.0)
+
+
 class GhlLocation(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
     # How sources and logs refer to this location.
     name: Name
@@ -153,6 +179,9 @@ class GhlLocation(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_on
     limits: GhlLimits = msgspec.field(default_factory=GhlLimits)
     # Per-request timeout.
     timeout: Duration = Duration(30.0)
+    # The GHL web app, for conversation links written into the sources.
+    app_url: str = "https://app.gohighlevel.com"
+    reverse: ReverseSettings = msgspec.field(default_factory=ReverseSettings)
 
 
 class GhlConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
@@ -165,6 +194,32 @@ class WriteBack(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only
     contact_id: str = "ghl_contact_id"
     # Action Network custom field that receives the GHL conversation id ("" to not write it).
     conversation_id: str = "ghl_conversation_id"
+
+
+class AnMirror(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    # What a GHL message to this person writes back into Action Network. Templates read
+    # {id} {body} {status} {direction} {type} {date} {updated} {conversation_id}
+    # {conversation_url} {contact_id} {user_id} {location}.
+    # Which GHL messages count: "outbound" are replies written in GHL.
+    directions: list[Literal["inbound", "outbound"]] = msgspec.field(
+        default_factory=lambda: ["outbound"]
+    )
+    # Action Network custom field -> template, written with PUT /people/{id}; the newest
+    # message wins, and a later status change of it updates the fields again.
+    fields: dict[str, str] = {}
+    # Tags added / removed through the person signup helper, once per person.
+    add_tags: list[str] = []
+    remove_tags: list[str] = []
+
+
+class SummarySettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    # Keep one GHL note per person with activity, edited in place when its digest changes:
+    # counts and latest of petitions, forms, events, donations (total and last),
+    # outreaches, the person's tags and the last GHL conversation activity.
+    enabled: bool = False
+    # The note's first line (one line). The bridge finds its note by a marker line, not
+    # by this title, so it may be changed; notes follow at each person's next change.
+    title: Name = "Action Network summary"
 
 
 class TaskAction(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
@@ -221,6 +276,10 @@ class ActionNetworkSource(msgspec.Struct, frozen=True, forbid_unknown_fields=Tru
     mapping: Name = "action_network"
     # Action Network custom fields that receive the GHL ids.
     write_back: WriteBack = msgspec.field(default_factory=WriteBack)
+    # GHL replies mirrored into the person (nothing unless fields or tags are set).
+    mirror: AnMirror = msgspec.field(default_factory=AnMirror)
+    # The per-person summary note in GHL (off unless enabled).
+    summary: SummarySettings = msgspec.field(default_factory=SummarySettings)
     # Rules that turn a tag or an activity into a GHL task, note, tags or conversation status.
     rules: list[NotifyRule] = []
 
@@ -236,6 +295,21 @@ class AdHistorySettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True,
     # {email} {phone} {first_name} {last_name} {custom.<key>} and {kind} {text}.
     form_id: str | None = None
     fields: dict[str, str] = {}
+
+
+class AdMirror(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    # GHL messages to this contact written into ActiveDEMAND through [history] (history
+    # entry or form), each once. Templates read the same fields as the Action Network mirror.
+    directions: list[Literal["inbound", "outbound"]] = msgspec.field(
+        default_factory=lambda: ["outbound"]
+    )
+    # The message itself ("" to not write it).
+    reply: str = "Reply in GHL[ by {user_id}]: {body}[\n{conversation_url}]"
+    # One entry per status the message reaches, for these statuses.
+    statuses: list[str] = msgspec.field(
+        default_factory=lambda: ["delivered", "read", "failed", "undelivered"]
+    )
+    status: str = "GHL message {id} is now {status}"
 
 
 class RoutingRule(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
@@ -314,6 +388,8 @@ class ActiveDemandSource(msgspec.Struct, frozen=True, forbid_unknown_fields=True
     history: AdHistorySettings = msgspec.field(default_factory=AdHistorySettings)
     # Rules over call transcripts: assign, tag and alert when a keyword or pattern matches.
     routing: list[RoutingRule] = []
+    # GHL replies and their statuses written into ActiveDEMAND (off with history.via = "none").
+    mirror: AdMirror = msgspec.field(default_factory=AdMirror)
 
 
 class Sources(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
@@ -562,14 +638,14 @@ def _walk(obj: object, path: str) -> Iterator[tuple[str, str, object]]:
             yield from _walk(item, f"{path}.{key}")
 
 
-_URL_FIELDS: Final = frozenset({"base_url", "authorize_url", "redirect_uri"})
+_URL_FIELDS: Final = frozenset({"base_url", "authorize_url", "redirect_uri", "app_url"})
 
 
 def _check(config: Config) -> None:
     """Cross-field rules msgspec cannot express; raise on the first broken one."""
     for path, name, value in _walk(config, "$"):
-        # A zero interval would spin; only the overlap window may be empty.
-        if isinstance(value, Duration) and value <= 0 and name != "overlap":
+        # A zero interval would spin; only overlap and lookback windows may be empty.
+        if isinstance(value, Duration) and value <= 0 and name not in ("overlap", "lookback"):
             raise ConfigError(path, "must be greater than 0")
         if name in _URL_FIELDS and not str(value).startswith(("http://", "https://")):
             raise ConfigError(path, f'must start with http:// or https://, got "{value}"')

@@ -16,7 +16,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import TextIO
+from typing import Any, TextIO
 
 from bridge.app import open_app
 from bridge.config import load_config
@@ -34,6 +34,7 @@ from bridge.sim.ghl_state import GhlSim
 SOURCE = "an-demo"
 AD_SOURCE = "ad-demo"
 LOCATION_ID = "demoLocation00000001"
+SUMMARY_TITLE = "Action Network summary"
 HISTORY = datetime(2000, 1, 1, tzinfo=UTC)
 
 CONFIG = """\
@@ -55,6 +56,7 @@ name = "demo"
 location_id = "{location_id}"
 base_url = "{ghl_url}"
 auth = {{ kind = "private_token", token = "{ghl_token}" }}
+reverse = {{ poll_interval = "1s" }}
 """
 
 AN_CONFIG = """
@@ -65,6 +67,18 @@ api_key = "{an_key}"
 base_url = "{an_url}/api/v2"
 poll_interval = "1s"
 overlap = "{overlap}"
+# One note per person with activity, kept up to date in place.
+summary = {{ enabled = true, title = "{summary_title}" }}
+
+[sources.action_network.mirror]
+# A reply written in GHL shows on the person in Action Network.
+add_tags = ["replied-in-ghl"]
+
+[sources.action_network.mirror.fields]
+ghl_last_reply = "{{body}}"
+ghl_last_reply_at = "{{date}}"
+ghl_reply_status = "{{status}}"
+ghl_conversation = "{{conversation_url}}"
 
 [[sources.action_network.rules]]
 # Someone tagged "event host" gets a call from the team: a task, a starred conversation.
@@ -151,7 +165,13 @@ async def sim_world(
             ghl_token=token,
         )
         if action_network:
-            text += AN_CONFIG.format(source=SOURCE, an_key=keys[0], an_url=an_url, overlap=overlap)
+            text += AN_CONFIG.format(
+                source=SOURCE,
+                an_key=keys[0],
+                an_url=an_url,
+                overlap=overlap,
+                summary_title=SUMMARY_TITLE,
+            )
         if activedemand:
             text += AD_CONFIG.format(
                 ad_source=AD_SOURCE, ad_key=ad_seeded.key, ad_app_key=ad_app_key, ad_url=ad_url
@@ -168,6 +188,13 @@ async def run_bridge(
     backfill = (source, backfill_since) if backfill_since is not None else None
     async with open_app(config, backfill=backfill) as app:
         return await app.run(once=True)
+
+
+def summary_notes(world: World) -> list[dict[str, Any]]:
+    """The Action Network summary notes in GHL (one per person with activity)."""
+    return [
+        n for n in world.ghl.all_notes() if (n.get("body") or "").startswith(SUMMARY_TITLE + "\n")
+    ]
 
 
 def ghl_writes(world: World, since: int = 0) -> int:
@@ -208,10 +235,12 @@ async def _demo(world: World, out: TextIO, *, people: int) -> int:
     stats = ghl.stats()
     write_backs = an.journal.count(method="PUT")
     records = counts["people"] + activities
+    summaries = len(summary_notes(world))
     out.write(
         f"   contacts {stats['contacts']}, conversations {stats['conversations']},"
         f" inbound messages {stats['messages']}, tasks {len(ghl.all_tasks())},"
-        f" notes {len(ghl.all_notes())}, write-backs to Action Network {write_backs}\n"
+        f" rule notes {len(ghl.all_notes()) - summaries}, summary notes {summaries},"
+        f" write-backs to Action Network {write_backs}\n"
         f"   GHL calls {ghl_calls} ({ghl_calls / max(records, 1):.2f} per record),"
         f" Action Network calls {an_calls}, dead letters {first.dead_lettered}\n"
         f"   busiest second at Action Network: {an.max_rate_seen(world.an_key)} requests"
@@ -226,14 +255,46 @@ async def _demo(world: World, out: TextIO, *, people: int) -> int:
     out.write("3. an organiser renames one person; bridge once\n")
     second = await run_bridge(world)
     writes = ghl_writes(world, mark)
+    # The summary note does not change: a name is not part of it.
     out.write(
-        f"   GHL writes {writes} (expected 1: the contact upsert),"
+        f"   GHL writes {writes} (expected 1: the contact upsert; the summary note is unchanged),"
         f" unchanged records skipped {second.events_unchanged},"
         f" dead letters {second.dead_lettered}\n"
     )
-    ok = first.dead_lettered == 0 and second.dead_lettered == 0 and writes == 1 and ad_first
+    replied = await _demo_reply(world, out)
+    ok = (
+        first.dead_lettered == 0
+        and second.dead_lettered == 0
+        and writes == 1
+        and ad_first
+        and replied
+    )
     out.write("\ndemo OK\n" if ok else "\ndemo FAILED: see above\n")
     return 0 if ok else 1
+
+
+async def _demo_reply(world: World, out: TextIO) -> bool:
+    """A GHL user replies to one person; True when the reply reached Action Network."""
+    an, ghl = world.an, world.ghl
+    person = an.list_people(world.an_key, limit=1)[0]
+    email = person.emails[0]["address"].lower()
+    (contact,) = [c for c in ghl.contacts() if c.get("email") == email]
+    (conversation,) = [c for c in ghl.conversations() if c["contactId"] == contact["id"]]
+    ghl.add_reply(conversation["id"], "Thanks for signing! Can you host a house meeting?")
+    out.write("4. a GHL user replies to that person in GHL; bridge once\n")
+    await asyncio.sleep(1.0)
+    mark, an_mark = ghl.journal.last_seq, an.journal.last_seq
+    run = await run_bridge(world)
+    fields = an.get_person(world.an_key, person.id).custom_fields
+    an_writes = [e for e in an.journal.select(since=an_mark) if e.method in ("PUT", "POST")]
+    out.write(
+        f"   Action Network person now: ghl_last_reply={fields.get('ghl_last_reply')!r},"
+        f" ghl_reply_status={fields.get('ghl_reply_status')!r}\n"
+        f"   Action Network writes {len(an_writes)} (fields, the new tag, tagging),"
+        f" GHL writes {ghl_writes(world, mark)} (the summary note's last activity),"
+        f" dead letters {run.dead_lettered}\n"
+    )
+    return fields.get("ghl_last_reply", "").startswith("Thanks for signing")
 
 
 async def _demo_activedemand(world: World, out: TextIO) -> bool:

@@ -10,6 +10,7 @@
     ├── InDoubt            a write's outcome is unknown: reconcile before any retry
     └── Fatal              the system cannot go on: stop with a clear message, non-zero exit
         └── AuthError      revoked or invalid credentials, missing scope, wrong location
+            ├── MissingScope   the token may not make this call: grant the scope
             └── TokenExpired   an access token expired or is invalid: a refresh may fix it
 
 Messages must never carry a secret: they are logged and shown to operators. Build them
@@ -81,6 +82,10 @@ class Fatal(BridgeError):
 
 class AuthError(Fatal):
     """Credentials are revoked, invalid, lack a scope, or point at the wrong location."""
+
+
+class MissingScope(AuthError):
+    """The token works but may not make this call (GHL 401 "not authorized for this scope")."""
 
 
 class TokenExpired(AuthError):

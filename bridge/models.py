@@ -110,6 +110,9 @@ class OpResult(msgspec.Struct, frozen=True, kw_only=True):
     """What a sender learned from a successful (or reconciled) op."""
 
     updates: tuple[IdMapUpdate, ...] = ()
+    # Small facts a target keeps between ops, (key, value), stored with the op's completion:
+    # e.g. the newest GHL reply already mirrored into a person.
+    marks: tuple[tuple[str, str], ...] = ()
 
 
 class IdMapRow(msgspec.Struct, frozen=True, kw_only=True):

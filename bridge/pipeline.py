@@ -1,13 +1,20 @@
-"""Producers, a dispatcher and partitioned senders around the durable outbox.
+"""Producers, a dispatcher and per-target partitioned senders around the durable outbox.
 
 ::
 
     stream.pages() -> transform -> store.commit_page (ops + cursor, one transaction)
                                           |
-    dispatcher: store.due_ops (head op of each entity) -> partition queue (crc32(entity) % N)
+    dispatcher: store.due_ops (head op of each entity; saturated and down targets left out)
+                -> the target's lane -> partition queue (crc32(entity) % senders)
                                           |
     sender: [same payload as last applied: done] -> mark in flight -> [reconcile if in doubt]
             -> target.send -> store.complete
+
+Each target (a GHL location, a source's write-backs) has senders of its own
+(:mod:`bridge.senders`), so one that waits out a 429 pause holds only its own, and the
+dispatcher (:mod:`bridge.dispatch`) leaves full and down targets out of its outbox query.
+A target that raises ``Fatal`` is taken out of service alone (:mod:`bridge.health`); the
+run stops only when every GHL location is.
 
 Shutdown has two phases: stop intake (producers and dispatcher), then give ops already
 being sent ``drain_grace`` seconds to finish before cancelling them. Nothing pending is
@@ -19,9 +26,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
 import random
-import zlib
+from collections import Counter
 from collections.abc import AsyncIterator, Mapping, Sequence
 from typing import Protocol
 
@@ -30,7 +36,9 @@ import structlog
 
 from bridge.clock import Clock
 from bridge.config import PipelineConfig
+from bridge.dispatch import Dispatcher
 from bridge.errors import Fatal, InDoubt, Rejected, Retryable
+from bridge.health import Health
 from bridge.models import (
     EVENT_KIND,
     DeadLetter,
@@ -43,6 +51,7 @@ from bridge.models import (
     decode_event,
 )
 from bridge.rest import backoff_delay
+from bridge.senders import Senders
 from bridge.store import Store
 
 log = structlog.get_logger("bridge.pipeline")
@@ -105,13 +114,13 @@ def _hash_last(ops: Sequence[NewOp], event: SourceEvent) -> list[NewOp]:
     return out
 
 
-def partition_of(entity: str, partitions: int) -> int:
-    """Stable partition for an entity (crc32, not hash(), so it is the same every run)."""
-    return zlib.crc32(entity.encode()) % partitions
-
-
 class Pipeline:
-    """Runs the streams into the outbox and the outbox into the targets."""
+    """Runs the streams into the outbox and the outbox into the targets.
+
+    ``locations`` maps the targets that are GHL locations to the location's name: they
+    are named so in logs, and the run stops only once every one of them is down.
+    Without it every target counts.
+    """
 
     def __init__(
         self,
@@ -121,6 +130,8 @@ class Pipeline:
         settings: PipelineConfig,
         clock: Clock,
         rng: random.Random | None = None,
+        *,
+        locations: Mapping[str, str] | None = None,
     ) -> None:
         self._store = store
         self._streams = list(streams)
@@ -129,18 +140,33 @@ class Pipeline:
         self._settings = settings
         self._clock = clock
         self._rng = rng or random.Random()  # noqa: S311 - jitter, not cryptography
-        self._queues: list[asyncio.Queue[Op]] = [
-            asyncio.Queue(settings.queue_size) for _ in range(settings.senders)
-        ]
-        self._busy: set[str] = set()
-        self._open = 0
-        self._wake = asyncio.Event()
+        self._essential = set(locations) if locations is not None else set(targets)
+        self.health = Health(
+            store, clock, recheck=float(settings.target_recheck), locations=locations or {}
+        )
+        self._senders = Senders(
+            partitions=settings.senders,
+            size=settings.queue_size,
+            deliver=self._deliver,
+            finished=self._finish,
+            on_task_done=self._on_task_done,
+        )
+        self._dispatcher = Dispatcher(
+            store,
+            self._senders,
+            self.health,
+            clock,
+            targets=list(targets),
+            idle_poll=float(settings.idle_poll),
+        )
+        self._dispatching: asyncio.Task[None] | None = None
+        self._open_by_stream: Counter[str] = Counter()
+        self._open_by_target: Counter[str] = Counter()
         self._room = asyncio.Event()
         self._stop = asyncio.Event()
         self._intake_done = False
         self._once = False
         self._failure: BaseException | None = None
-        self._deliveries: set[asyncio.Task[None]] = set()
         self.summary = RunSummary()
 
     # -- lifecycle ------------------------------------------------------------------------------
@@ -151,34 +177,43 @@ class Pipeline:
 
     @property
     def open_ops(self) -> int:
-        return self._open
+        return sum(self._open_by_target.values())
 
     async def run(self, *, once: bool = False) -> RunSummary:
-        """Run until stopped (or, with ``once``, until every stream is caught up and drained)."""
+        """Run until stopped (or, with ``once``, until every stream is caught up and drained).
+
+        With ``once``, ops of a target that is down wait for a later run, and the run
+        raises ``Fatal`` naming what is down after finishing everything else.
+        """
         self._once = once
         self.summary.in_doubt_at_start = await self._store.recover_in_flight()
         if self.summary.in_doubt_at_start:
             log.warning("ops_in_doubt_at_start", count=self.summary.in_doubt_at_start)
-        self._open = await self._store.open_ops()
+        # Counted afresh from the store: it already holds anything replayed before the run.
+        self._open_by_stream.clear()
+        self._open_by_target.clear()
+        for (stream, target), count in (await self._store.open_op_counts()).items():
+            self._open_by_stream[stream] += count
+            self._open_by_target[target] += count
+        await self.health.load(targets=self._targets, streams=self._streams_by_name)
         producers = [
             asyncio.create_task(self._produce(s, once=once), name=f"producer:{s.name}")
             for s in self._streams
         ]
-        workers = [
-            asyncio.create_task(self._send_loop(q), name=f"sender:{i}")
-            for i, q in enumerate(self._queues)
-        ]
-        workers.append(asyncio.create_task(self._dispatch(), name="dispatcher"))
-        for task in [*producers, *workers]:
+        self._dispatching = asyncio.create_task(self._dispatcher.run(self._stop), name="dispatcher")
+        for task in [*producers, self._dispatching]:
             task.add_done_callback(self._on_task_done)
         intake = asyncio.create_task(self._await_intake(producers), name="intake")
         try:
             await self._stop.wait()
         finally:
             intake.cancel()
-            await self._shutdown(producers, workers)
+            await self._shutdown(producers)
         if self._failure is not None:
             raise self._failure
+        down = self.health.report() if once else None
+        if down is not None:
+            raise Fatal(down)
         return self.summary
 
     async def _await_intake(self, producers: list[asyncio.Task[None]]) -> None:
@@ -191,34 +226,36 @@ class Pipeline:
             return
         # A background task that dies takes the run down loudly: silence would stall a
         # stream for months. The first failure is the one reported.
+        log.error("task_failed", task=task.get_name(), error=str(task.exception()))
+        self._fail(task.exception())
+
+    def _fail(self, error: BaseException | None) -> None:
         if self._failure is None:
-            self._failure = task.exception()
-            log.error("task_failed", task=task.get_name(), error=str(task.exception()))
+            self._failure = error
         self._stop.set()
 
     def _check_drained(self) -> None:
-        if self._once and self._intake_done and self._open == 0 and not self._deliveries:
+        """With ``once``: stop when all work not held by a down target is done."""
+        if not (self._once and self._intake_done) or self._senders.deliveries:
+            return
+        held = self.health.held(self._clock.time())
+        if all(n == 0 for target, n in self._open_by_target.items() if target not in held):
             self._stop.set()
 
-    async def _shutdown(
-        self, producers: list[asyncio.Task[None]], workers: list[asyncio.Task[None]]
-    ) -> None:
-        log.info("shutdown_started", in_flight=len(self._deliveries), open_ops=self._open)
-        for task in [*producers, *workers]:
+    async def _shutdown(self, producers: list[asyncio.Task[None]]) -> None:
+        in_flight = len(self._senders.deliveries)
+        log.info("shutdown_started", in_flight=in_flight, open_ops=self.open_ops)
+        intake = [*producers, *([self._dispatching] if self._dispatching else [])]
+        for task in intake:
             task.cancel()
-        await asyncio.gather(*producers, *workers, return_exceptions=True)
+        await asyncio.gather(*intake, return_exceptions=True)
         # Ops still queued were never started: they stay pending in SQLite.
-        for queue in self._queues:
-            while not queue.empty():
-                self._busy.discard(queue.get_nowait().entity)
-        if self._deliveries:
-            _, late = await asyncio.wait(self._deliveries, timeout=self._settings.drain_grace)
-            for task in late:
-                task.cancel()
-            if late:
-                log.warning("drain_grace_exceeded", cancelled=len(late))
-                await asyncio.gather(*late, return_exceptions=True)
-        log.info("shutdown_complete", open_ops=self._open)
+        taken, cancelled = await self._senders.stop(float(self._settings.drain_grace))
+        for op in taken:
+            self._dispatcher.release(op.entity)
+        if cancelled:
+            log.warning("drain_grace_exceeded", cancelled=cancelled)
+        log.info("shutdown_complete", open_ops=self.open_ops)
 
     # -- intake -----------------------------------------------------------------------------------
 
@@ -241,6 +278,15 @@ class Pipeline:
                     log.warning("poll_failed", error=str(exc), retry_in=round(delay, 3))
                     await self._sleep_unless_stopped(delay)
                     continue
+                except Fatal as exc:
+                    # This stream alone stops (a revoked key, say); the others go on. With
+                    # `once` it counts as finished and the run ends non-zero naming it.
+                    await self.health.stream_failed(stream.name, exc)
+                    if once:
+                        return
+                    await self._sleep_unless_stopped(self.health.recheck)
+                    continue
+                await self.health.stream_ok(stream.name)
                 if once:
                     log.info("stream_caught_up")
                     return
@@ -254,10 +300,10 @@ class Pipeline:
         cursor = await self._store.get_cursor(stream.name)
         async for page in stream.pages(cursor):
             ops, rejections = await self._transform(stream, page.events)
-            await self._wait_for_room(len(ops))
+            await self._wait_for_room(stream.name, len(ops))
             now = self._clock.time()
             await self._store.commit_page(stream.name, page.cursor, ops, rejections, now=now)
-            self._open += len(ops)
+            self._opened(stream.name, ops)
             self.summary.ops_written += len(ops)
             self.summary.dead_lettered += len(rejections)
             for rejection in rejections:
@@ -271,7 +317,7 @@ class Pipeline:
                 rejected=len(rejections),
                 cursor=page.cursor,
             )
-            self._wake.set()
+            self._dispatcher.wake.set()
 
     async def _transform(
         self, stream: Stream, events: Sequence[SourceEvent]
@@ -297,78 +343,33 @@ class Pipeline:
             ops.extend(_hash_last(event_ops, event))
         return ops, rejections
 
-    async def _wait_for_room(self, count: int) -> None:
-        """Back-pressure: keep the outbox at or below its high-water mark.
+    async def _wait_for_room(self, stream: str, count: int) -> None:
+        """Back-pressure: keep the stream's open ops at or below the high-water mark.
 
-        A page larger than the whole mark is let in once the outbox is empty, otherwise
-        it could never be written.
+        Counted per stream, so a location that is down or paused stalls only the streams
+        that feed it. A page larger than the whole mark is let in once the stream has no
+        open ops, otherwise it could never be written.
         """
         high = self._settings.outbox_high_water
-        while self._open + count > high and self._open > 0:
+        while self._open_by_stream[stream] + count > high and self._open_by_stream[stream] > 0:
             self._room.clear()
             await self._room.wait()
 
-    # -- dispatch -------------------------------------------------------------------------------
-
-    async def _dispatch(self) -> None:
-        capacity = self._settings.senders * self._settings.queue_size
-        while not self._stop.is_set():
-            self._wake.clear()
-            free = capacity - len(self._busy)
-            ops: list[Op] = []
-            if free > 0:
-                ops = await self._store.due_ops(
-                    now=self._clock.time(), limit=min(free, 500), exclude=self._busy
-                )
-            queued = 0
-            for op in ops:
-                queue = self._queues[partition_of(op.entity, len(self._queues))]
-                if queue.full():
-                    continue  # that partition is saturated; the op stays pending for later
-                self._busy.add(op.entity)
-                queue.put_nowait(op)
-                queued += 1
-            if queued and queued == len(ops):
-                continue
-            await self._idle_wait()
-
-    async def _idle_wait(self) -> None:
-        timeout = float(self._settings.idle_poll)
-        due = await self._store.next_due_at()
-        if due is not None:
-            timeout = max(0.0, min(timeout, due - self._clock.time()))
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._wake.wait(), timeout)
-
-    async def _send_loop(self, queue: asyncio.Queue[Op]) -> None:
-        while True:
-            op = await queue.get()
-            task = asyncio.create_task(self._deliver(op), name=f"deliver:{op.id}")
-            self._deliveries.add(task)
-            try:
-                # Shielded: stopping the sender loop must not cancel an op mid-call;
-                # shutdown gives deliveries their grace period separately.
-                await asyncio.shield(task)
-            finally:
-                if task.done():
-                    self._finish(task, op)
-                else:
-                    task.add_done_callback(functools.partial(self._finish_callback, op))
-
-    def _finish_callback(self, op: Op, task: asyncio.Task[None]) -> None:
-        self._finish(task, op)
-
-    def _finish(self, task: asyncio.Task[None], op: Op) -> None:
-        if not task.cancelled() and task.exception() is not None and self._failure is None:
-            # Seen here when the sender loop was already stopped (a Fatal during drain).
-            self._failure = task.exception()
-            self._stop.set()
-        self._deliveries.discard(task)
-        self._busy.discard(op.entity)
-        self._wake.set()
-        self._check_drained()
+    def _opened(self, stream: str, ops: Sequence[NewOp]) -> None:
+        for op in ops:
+            self._open_by_stream[stream] += 1
+            self._open_by_target[op.target] += 1
 
     # -- delivery -------------------------------------------------------------------------------
+
+    def _finish(self, op: Op, task: asyncio.Task[None]) -> None:
+        if not task.cancelled() and task.exception() is not None:
+            # A failure of the bridge itself (say, the store): the run stops loudly.
+            self._fail(task.exception())
+        self._dispatcher.release(op.entity)
+        self.health.end_probe(op)
+        self._dispatcher.wake.set()
+        self._check_drained()
 
     async def _deliver(self, op: Op) -> None:
         target = self._targets.get(op.target)
@@ -382,38 +383,66 @@ class Pipeline:
                 # The last op of this kind for this record sent exactly this: e.g. a
                 # person whose tags changed re-queues an identical contact upsert.
                 await self._store.complete(op, OpResult(), now=self._clock.time())
-                self._completed()
+                self._completed(op)
                 self.summary.ops_unchanged += 1
                 log.debug("op_unchanged")
                 return
             await self._store.mark_in_flight(op.id, now=self._clock.time())
-            try:
-                result = await target.reconcile(op) if op.in_doubt else None
-                if op.in_doubt:
-                    self.summary.ops_reconciled += 1
-                    log.info("op_reconciled", found=result is not None)
-                if result is None:
-                    result = await target.send(op)
-            except Retryable as exc:
-                await self._retry(op, str(exc), exc.retry_after, in_doubt=op.in_doubt)
-            except InDoubt as exc:
-                await self._retry(op, str(exc), None, in_doubt=True)
-            except Rejected as exc:
-                reason = "; ".join((str(exc), *exc.details)) if exc.details else str(exc)
-                await self._dead_letter(op, reason)
-            except Fatal:
+            if self.health.is_down(op.target) and not self.health.is_probe(op):
+                # Taken from its queue just before its target went down: it waits,
+                # uncounted, for the probe to bring the target back.
                 await self._store.release(op)
-                raise
-            except Exception as exc:
-                # A bug or an unexpected reply: the write may have happened, so reconcile
-                # before trying again rather than dead-lettering a record that was fine.
-                log.exception("op_failed_unexpectedly")
-                await self._retry(op, f"unexpected error: {exc!r}", None, in_doubt=True)
-            else:
-                await self._store.complete(op, result, now=self._clock.time())
-                self._completed()
-                self.summary.ops_sent += 1
-                log.info("op_sent", attempts=op.attempts + 1)
+                return
+            try:
+                await self._call(target, op)
+            except Fatal as exc:
+                await self._quarantine(op, exc)
+                return
+            await self.health.target_answered(op)
+
+    async def _call(self, target: Target, op: Op) -> None:
+        """Send (or reconcile) one op and record the outcome; only ``Fatal`` escapes."""
+        try:
+            result = await target.reconcile(op) if op.in_doubt else None
+            if op.in_doubt:
+                self.summary.ops_reconciled += 1
+                log.info("op_reconciled", found=result is not None)
+            if result is None:
+                result = await target.send(op)
+        except Retryable as exc:
+            await self._retry(op, str(exc), exc.retry_after, in_doubt=op.in_doubt)
+        except InDoubt as exc:
+            await self._retry(op, str(exc), None, in_doubt=True)
+        except Rejected as exc:
+            reason = "; ".join((str(exc), *exc.details)) if exc.details else str(exc)
+            await self._dead_letter(op, reason)
+        except Fatal:
+            raise
+        except Exception as exc:
+            # A bug or an unexpected reply: the write may have happened, so reconcile
+            # before trying again rather than dead-lettering a record that was fine.
+            log.exception("op_failed_unexpectedly")
+            await self._retry(op, f"unexpected error: {exc!r}", None, in_doubt=True)
+        else:
+            await self._store.complete(op, result, now=self._clock.time())
+            self._completed(op)
+            self.summary.ops_sent += 1
+            log.info("op_sent", attempts=op.attempts + 1)
+
+    async def _quarantine(self, op: Op, error: Fatal) -> None:
+        """Take the op's target out of service; the op goes back untouched, not counted.
+
+        Its queued ops go back to SQLite too. When that leaves no GHL location up, the
+        bridge can do nothing useful, so the run stops with this error.
+        """
+        await self._store.release(op)
+        await self.health.target_failed(op, error)
+        for queued in self._senders.drain(op.target):
+            self._dispatcher.release(queued.entity)
+        if self._essential and self._essential <= self.health.failed_targets():
+            log.error("every_location_down", error=str(error))
+            self._fail(error)
+        self._check_drained()
 
     async def _retry(
         self, op: Op, error: str, retry_after: float | None, *, in_doubt: bool
@@ -446,12 +475,13 @@ class Pipeline:
 
     async def _dead_letter(self, op: Op, reason: str) -> None:
         await self._store.dead_letter_op(op, reason, now=self._clock.time())
-        self._completed()
+        self._completed(op)
         self.summary.dead_lettered += 1
         log.warning("op_dead_lettered", reason=reason, source_key=op.source_key)
 
-    def _completed(self) -> None:
-        self._open -= 1
+    def _completed(self, op: Op) -> None:
+        self._open_by_stream[op.stream] -= 1
+        self._open_by_target[op.target] -= 1
         self._room.set()  # producers waiting below the high-water mark look again
 
     # -- replay ---------------------------------------------------------------------------------
@@ -482,6 +512,6 @@ class Pipeline:
                 )
             ]
         await self._store.replay_dead_letter(dl, ops, stream=dl.stream, now=self._clock.time())
-        self._open += len(ops)
-        self._wake.set()
+        self._opened(dl.stream, ops)
+        self._dispatcher.wake.set()
         return len(ops)

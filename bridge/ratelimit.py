@@ -12,7 +12,7 @@ import msgspec
 
 from bridge.clock import Clock
 
-__all__ = ["BucketState", "Limiters", "TokenBucket"]
+__all__ = ["BucketState", "Limiters", "ShareOf", "TokenBucket"]
 
 _DAY = 86_400.0
 
@@ -190,6 +190,45 @@ class TokenBucket:
         if day > self._day:
             self._day = day
             self._used_today = 0
+
+
+class ShareOf(TokenBucket):
+    """A part of another bucket's budget: at most ``fraction`` of its requests per window.
+
+    Each request holds a token of both, its own first, so a used-up share waits without
+    holding the parent's tokens and the rest of the budget stays free for others (the
+    reverse stream's reads must not starve a location's writes). What the server says
+    about the budget, headers and 429 pauses, describes the parent and is applied there.
+    """
+
+    def __init__(self, parent: TokenBucket, *, fraction: float, clock: Clock) -> None:
+        if not 0 < fraction <= 1:
+            raise ValueError(f"fraction must be within (0, 1], got {fraction}")
+        whole = parent.state()
+        super().__init__(
+            parent.api,
+            f"{parent.tenant}/share",
+            capacity=max(1, math.floor(whole.capacity * fraction)),
+            window=whole.window,
+            clock=clock,
+        )
+        self._parent = parent
+
+    @contextlib.asynccontextmanager
+    async def lease(self) -> AsyncIterator[None]:
+        async with super().lease(), self._parent.lease():
+            yield
+
+    def tighten(
+        self, remaining: int, window: float | None = None, limit: int | None = None
+    ) -> None:
+        self._parent.tighten(remaining, window, limit)
+
+    def tighten_daily(self, remaining: int) -> None:
+        self._parent.tighten_daily(remaining)
+
+    def pause_until(self, t: float) -> None:
+        self._parent.pause_until(t)
 
 
 class Limiters:

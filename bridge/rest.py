@@ -21,6 +21,7 @@ from bridge.errors import (
     AuthError,
     BridgeError,
     InDoubt,
+    MissingScope,
     Rejected,
     Retryable,
     TokenExpired,
@@ -114,7 +115,9 @@ def classify(
     # built from known phrases only.
     if status == 401:
         if "not authorized for this scope" in lowered:
-            return AuthError(f"{prefix}: token lacks a required scope (refreshing will not help)")
+            return MissingScope(
+                f"{prefix}: token lacks a required scope (refreshing will not help)"
+            )
         return TokenExpired(f"{prefix}: access token expired or invalid")
     if status == 403:
         if "no conversation provider found" in lowered:

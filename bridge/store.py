@@ -14,9 +14,9 @@ import asyncio
 import contextlib
 import os
 import time
-from collections.abc import AsyncIterator, Iterable, Sequence
+from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import aiosqlite
 import msgspec
@@ -36,6 +36,7 @@ from bridge.models import (
     content_hash,
     encode_event,
 )
+from bridge.summary import SummaryItem, SummaryState
 
 _json = msgspec.json
 
@@ -137,6 +138,48 @@ MIGRATIONS: tuple[str, ...] = (
     """
     CREATE INDEX id_map_message ON id_map (message_id) WHERE message_id IS NOT NULL;
     CREATE INDEX id_map_contact ON id_map (contact_id) WHERE contact_id IS NOT NULL;
+    CREATE TABLE marks (
+        key TEXT PRIMARY KEY,
+        value TEXT NOT NULL,
+        updated_at REAL NOT NULL
+    );
+    """,
+    # The ledger behind each person's summary note: one row per activity (upserted by its
+    # key, a row replaced only by one at least as recent), and per person the inputs that
+    # are not activities (title, e-mail, tags) with the note they live in and the digest
+    # last written there, so an unchanged digest costs no call.
+    """
+    CREATE TABLE summary_items (
+        contact_key TEXT NOT NULL,
+        item_key TEXT NOT NULL,
+        at TEXT,
+        item BLOB NOT NULL,
+        PRIMARY KEY (contact_key, item_key)
+    );
+    CREATE TABLE summaries (
+        contact_key TEXT PRIMARY KEY,
+        title TEXT NOT NULL,
+        email TEXT,
+        tags TEXT,
+        note_id TEXT,
+        digest TEXT,
+        updated_at REAL NOT NULL
+    );
+    CREATE INDEX summaries_email ON summaries (email) WHERE email IS NOT NULL;
+    """,
+    # What the daemon found down (a target that answered Fatal, a stream that could not
+    # read), so `bridge status` can say why and since when; a row exists only while down.
+    # Due ops per target, for the probe that lets one op of a down target through.
+    """
+    CREATE TABLE health (
+        kind TEXT NOT NULL CHECK (kind IN ('target', 'stream')),
+        name TEXT NOT NULL,
+        error TEXT NOT NULL,
+        since REAL NOT NULL,
+        checked_at REAL NOT NULL,
+        PRIMARY KEY (kind, name)
+    );
+    CREATE INDEX outbox_due_target ON outbox (target, next_at, id) WHERE state = 'pending';
     """,
 )
 
@@ -149,6 +192,27 @@ _DL_COLUMNS = (
 )
 # SQLite's default limit on host parameters is 999 on old builds; stay well below it.
 _CHUNK = 500
+
+HealthKind = Literal["target", "stream"]
+
+
+class HealthRow(msgspec.Struct, frozen=True, kw_only=True):
+    """A target or stream found down: why (``error``), since when, last found so when."""
+
+    kind: HealthKind
+    name: str
+    error: str
+    since: float
+    checked_at: float
+
+
+class DeadLetterGroup(msgspec.Struct, frozen=True, kw_only=True):
+    """How many dead letters share a target (None for unmappable events), stream and error."""
+
+    target: str | None
+    stream: str
+    error: str
+    count: int
 
 
 def _op(row: Any) -> Op:
@@ -382,33 +446,70 @@ class Store:
 
     # -- dispatch: what the senders read and write ------------------------------------------
 
-    async def due_ops(self, *, now: float, limit: int, exclude: Iterable[str] = ()) -> list[Op]:
+    async def due_ops(
+        self,
+        *,
+        now: float,
+        limit: int,
+        exclude: Iterable[str] = (),
+        exclude_targets: Iterable[str] = (),
+        target: str | None = None,
+    ) -> list[Op]:
         """Pending ops whose time has come and that head their entity's queue.
 
         An op waits while an earlier op of its entity is open (pending, scheduled for a
-        retry, or in flight), which keeps each entity's ops in outbox order.
+        retry, or in flight), which keeps each entity's ops in outbox order, whatever
+        target each one goes to. ``exclude`` names entities to leave out; the ops of
+        ``exclude_targets`` are left out in SQL, so a big backlog of a saturated or down
+        target cannot fill ``limit`` and hide the due ops of the others. ``target`` asks
+        for one target's ops only.
         """
         excluded = set(exclude)
+        skip = sorted(set(exclude_targets))
+        where = ["o.state = 'pending'", "o.next_at <= ?"]
+        params: list[object] = [now]
+        if skip:
+            where.append(f"o.target NOT IN ({','.join('?' * len(skip))})")
+            params.extend(skip)
+        if target is not None:
+            where.append("o.target = ?")
+            params.append(target)
         async with (
             self._read() as conn,
             conn.execute(
-                f"SELECT {_OP_COLUMNS} FROM outbox AS o"
-                " WHERE o.state = 'pending' AND o.next_at <= ?"
+                f"SELECT {_OP_COLUMNS} FROM outbox AS o WHERE {' AND '.join(where)}"
                 " AND NOT EXISTS (SELECT 1 FROM outbox AS p WHERE p.entity = o.entity"
                 " AND p.state != 'done' AND p.id < o.id)"
                 " ORDER BY o.next_at, o.id LIMIT ?",
-                (now, limit + len(excluded)),
+                (*params, limit + len(excluded)),
             ) as cur,
         ):
             rows = await cur.fetchall()
         ops = [_op(row) for row in rows]
         return [op for op in ops if op.entity not in excluded][:limit]
 
-    async def next_due_at(self) -> float | None:
-        """When the earliest pending op becomes due, or None when nothing is pending."""
+    async def next_due_at(
+        self, *, after: float | None = None, exclude_targets: Iterable[str] = ()
+    ) -> float | None:
+        """When the earliest pending op becomes due, or None when nothing is pending.
+
+        ``after`` looks only at ops due later than that (the dispatcher already knows
+        about those due now); the ops of ``exclude_targets`` are not looked at.
+        """
+        skip = sorted(set(exclude_targets))
+        where = ["state = 'pending'"]
+        params: list[object] = []
+        if after is not None:
+            where.append("next_at > ?")
+            params.append(after)
+        if skip:
+            where.append(f"target NOT IN ({','.join('?' * len(skip))})")
+            params.extend(skip)
         async with (
             self._read() as conn,
-            conn.execute("SELECT MIN(next_at) FROM outbox WHERE state = 'pending'") as cur,
+            conn.execute(
+                f"SELECT MIN(next_at) FROM outbox WHERE {' AND '.join(where)}", params
+            ) as cur,
         ):
             row = await cur.fetchone()
         return None if row is None or row[0] is None else float(row[0])
@@ -432,6 +533,13 @@ class Store:
                 " payload_hash = excluded.payload_hash, updated_at = excluded.updated_at",
                 (op.target, op.source_key, op.kind, content_hash(op.payload), now),
             )
+            for key, value in result.marks:
+                await conn.execute(
+                    "INSERT INTO marks (key, value, updated_at) VALUES (?, ?, ?)"
+                    " ON CONFLICT (key) DO UPDATE SET value = excluded.value,"
+                    " updated_at = excluded.updated_at",
+                    (key, value, now),
+                )
             if op.content_hash is not None:
                 await self._merge_id_map(
                     conn, IdMapUpdate(source_key=op.source_key), op.content_hash, now
@@ -549,6 +657,35 @@ class Store:
                 counts[state] = count
         return counts
 
+    async def open_op_counts(self) -> dict[tuple[str, str], int]:
+        """Open ops (pending or in flight) per (stream, target)."""
+        async with (
+            self._read() as conn,
+            conn.execute(
+                "SELECT stream, target, COUNT(*) FROM outbox WHERE state != 'done'"
+                " GROUP BY stream, target"
+            ) as cur,
+        ):
+            return {(str(s), str(t)): int(n) for s, t, n in await cur.fetchall()}
+
+    async def outbox_counts_by_target(self) -> dict[str, dict[str, int]]:
+        """``outbox_counts`` for each target that has rows."""
+        found: dict[str, dict[str, int]] = {}
+        async with (
+            self._read() as conn,
+            conn.execute(
+                "SELECT target,"
+                " CASE WHEN state = 'pending' AND in_doubt THEN 'in_doubt' ELSE state END,"
+                " COUNT(*) FROM outbox GROUP BY 1, 2"
+            ) as cur,
+        ):
+            for target, state, count in await cur.fetchall():
+                counts = found.setdefault(
+                    target, {"pending": 0, "in_doubt": 0, "in_flight": 0, "done": 0}
+                )
+                counts[state] = count
+        return found
+
     async def prune_done(self, *, before: float) -> int:
         """Delete done ops older than ``before``; the id map keeps what they learned."""
         async with self._tx() as conn:
@@ -588,6 +725,46 @@ class Store:
         known = await self.id_map(source_key)
         return known is not None and known.message_id is not None
 
+    async def mark(self, key: str) -> str | None:
+        """A fact a target remembered with an op's result (``OpResult.marks``)."""
+        async with (
+            self._read() as conn,
+            conn.execute("SELECT value FROM marks WHERE key = ?", (key,)) as cur,
+        ):
+            row = await cur.fetchone()
+        return None if row is None else str(row[0])
+
+    async def known_message_ids(self, message_ids: Sequence[str]) -> set[str]:
+        """Which of these target message ids the bridge itself wrote (they are mapped)."""
+        found: set[str] = set()
+        async with self._read() as conn:
+            for chunk in _chunks(message_ids):
+                marks = ",".join("?" * len(chunk))
+                async with conn.execute(
+                    f"SELECT message_id FROM id_map WHERE message_id IN ({marks})", tuple(chunk)
+                ) as cur:
+                    found.update(row[0] for row in await cur.fetchall())
+        return found
+
+    async def contact_links(self, contact_ids: Sequence[str]) -> dict[str, list[str]]:
+        """For each GHL contact id: the source records mapped to it (people, contacts).
+
+        Rows of messages, notes and rules carry the contact id too; only records that own
+        the contact (no message id of their own) are links.
+        """
+        found: dict[str, list[str]] = {}
+        async with self._read() as conn:
+            for chunk in _chunks(contact_ids):
+                marks = ",".join("?" * len(chunk))
+                async with conn.execute(
+                    f"SELECT contact_id, source_key FROM id_map WHERE contact_id IN ({marks})"
+                    " AND message_id IS NULL ORDER BY source_key",
+                    tuple(chunk),
+                ) as cur:
+                    for contact_id, key in await cur.fetchall():
+                        found.setdefault(contact_id, []).append(key)
+        return found
+
     async def contact_tags(self, keys: Sequence[str]) -> dict[str, tuple[str, ...]]:
         """For each key that has a GHL contact: the source tags last applied to it."""
         found: dict[str, tuple[str, ...]] = {}
@@ -619,6 +796,111 @@ class Store:
         async with self._read() as conn, conn.execute("SELECT COUNT(*) FROM id_map") as cur:
             row = await cur.fetchone()
         return int(row[0]) if row else 0
+
+    # -- summaries ------------------------------------------------------------------------------
+
+    async def next_open_payload(self, op: Op) -> bytes | None:
+        """The payload of the next open op after ``op`` of its entity, target and kind.
+
+        A target whose op only refreshes state (a summary note) can leave the write to
+        that later op, which will run: it is durable, and ops of an entity run in order.
+        """
+        async with (
+            self._read() as conn,
+            conn.execute(
+                "SELECT payload FROM outbox WHERE entity = ? AND state != 'done' AND id > ?"
+                " AND target = ? AND kind = ? ORDER BY id LIMIT 1",
+                (op.entity, op.id, op.target, op.kind),
+            ) as cur,
+        ):
+            row = await cur.fetchone()
+        return None if row is None else bytes(row[0])
+
+    async def record_summary(
+        self,
+        contact_key: str,
+        *,
+        title: str,
+        items: Mapping[str, SummaryItem],
+        tags: Sequence[str] | None,
+        email: str | None,
+        now: float,
+    ) -> None:
+        """Add items (by ledger key) to a person's summary; ``tags``/``email`` None keep theirs.
+
+        Idempotent: an op sent again after an in-doubt outcome records the same rows.
+        """
+        tag_text = None if tags is None else _json.encode(sorted(tags)).decode()
+        async with self._tx() as conn:
+            await conn.execute(
+                "INSERT INTO summaries (contact_key, title, email, tags, updated_at)"
+                " VALUES (?, ?, ?, ?, ?) ON CONFLICT (contact_key) DO UPDATE SET"
+                " title = excluded.title, email = COALESCE(excluded.email, email),"
+                " tags = COALESCE(excluded.tags, tags), updated_at = excluded.updated_at",
+                (contact_key, title, email, tag_text, now),
+            )
+            # A row is replaced only by one at least as recent: an older GHL message read
+            # late must not hide the newest one in its single slot.
+            await conn.executemany(
+                "INSERT INTO summary_items (contact_key, item_key, at, item) VALUES (?, ?, ?, ?)"
+                " ON CONFLICT (contact_key, item_key) DO UPDATE SET at = excluded.at,"
+                " item = excluded.item WHERE excluded.at IS NULL OR summary_items.at IS NULL"
+                " OR excluded.at >= summary_items.at",
+                [
+                    (contact_key, key, item.at, _json.encode(item))
+                    for key, item in sorted(items.items())
+                ],
+            )
+
+    async def summary(self, contact_key: str) -> SummaryState | None:
+        """A person's summary inputs and note, or None if no summary op ran for them."""
+        async with self._read() as conn:
+            async with conn.execute(
+                "SELECT title, email, tags, note_id, digest FROM summaries WHERE contact_key = ?",
+                (contact_key,),
+            ) as cur:
+                row = await cur.fetchone()
+            if row is None:
+                return None
+            async with conn.execute(
+                "SELECT item FROM summary_items WHERE contact_key = ? ORDER BY item_key",
+                (contact_key,),
+            ) as cur:
+                items = [_json.decode(r[0], type=SummaryItem) for r in await cur.fetchall()]
+        return SummaryState(
+            contact_key=contact_key,
+            title=row[0],
+            email=row[1],
+            tags=() if row[2] is None else tuple(_json.decode(row[2], type=list[str])),
+            items=tuple(items),
+            note_id=row[3],
+            digest=row[4],
+        )
+
+    async def summary_written(
+        self, contact_key: str, *, note_id: str | None, digest: str | None, now: float
+    ) -> None:
+        """Remember the note that holds a person's summary and the digest it now holds.
+
+        Both change together: a digest is only ever true of one note.
+        """
+        async with self._tx() as conn:
+            await conn.execute(
+                "UPDATE summaries SET note_id = ?, digest = ?, updated_at = ?"
+                " WHERE contact_key = ?",
+                (note_id, digest, now, contact_key),
+            )
+
+    async def summary_keys_by_email(self, email: str) -> list[str]:
+        """The people with a summary whose e-mail is ``email`` (stored lower-cased)."""
+        async with (
+            self._read() as conn,
+            conn.execute(
+                "SELECT contact_key FROM summaries WHERE email = ? ORDER BY contact_key",
+                (email.strip().lower(),),
+            ) as cur,
+        ):
+            return [str(row[0]) for row in await cur.fetchall()]
 
     # -- dead letters ---------------------------------------------------------------------------
 
@@ -706,6 +988,18 @@ class Store:
         ):
             return {str(error): int(count) for error, count in await cur.fetchall()}
 
+    async def dead_letter_groups(self) -> list[DeadLetterGroup]:
+        """Dead letters counted by where they came from and their error, most frequent first."""
+        async with (
+            self._read() as conn,
+            conn.execute(
+                "SELECT target, stream, error, COUNT(*) FROM dead_letter"
+                " GROUP BY target, stream, error ORDER BY 4 DESC, 3"
+            ) as cur,
+        ):
+            rows = await cur.fetchall()
+        return [DeadLetterGroup(target=r[0], stream=r[1], error=r[2], count=r[3]) for r in rows]
+
     async def replay_dead_letter(
         self, dl: DeadLetter, ops: Sequence[NewOp], *, stream: str, now: float
     ) -> None:
@@ -760,6 +1054,37 @@ class Store:
                     token.updated_at,
                 ),
             )
+
+    # -- health (written by the daemon, read by it at start and by `bridge status`) ----------
+
+    async def mark_down(self, kind: HealthKind, name: str, error: str, *, now: float) -> None:
+        """Record that a target or stream is down; a row already there keeps its ``since``."""
+        async with self._tx() as conn:
+            await conn.execute(
+                "INSERT INTO health (kind, name, error, since, checked_at) VALUES (?, ?, ?, ?, ?)"
+                " ON CONFLICT (kind, name) DO UPDATE SET error = excluded.error,"
+                " checked_at = excluded.checked_at",
+                (kind, name, error, now, now),
+            )
+
+    async def mark_up(self, kind: HealthKind, name: str) -> bool:
+        """Forget that a target or stream was down; True if it was."""
+        async with self._tx() as conn:
+            cur = await conn.execute("DELETE FROM health WHERE kind = ? AND name = ?", (kind, name))
+            return cur.rowcount > 0
+
+    async def health(self) -> list[HealthRow]:
+        """Everything currently marked down."""
+        async with (
+            self._read() as conn,
+            conn.execute(
+                "SELECT kind, name, error, since, checked_at FROM health ORDER BY kind, name"
+            ) as cur,
+        ):
+            rows = await cur.fetchall()
+        return [
+            HealthRow(kind=r[0], name=r[1], error=r[2], since=r[3], checked_at=r[4]) for r in rows
+        ]
 
     # -- budgets (written by the daemon, read by `bridge status`) ---------------------------------
 

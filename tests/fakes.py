@@ -41,8 +41,14 @@ class FakeStream:
         self.target = target
         self.poll_interval = poll_interval
         self.pages_served = 0
+        self.polls = 0
+        # Raised by every poll while set, as a revoked source key would.
+        self.fatal: Fatal | None = None
 
     async def pages(self, cursor: str | None) -> AsyncIterator[Page]:
+        self.polls += 1
+        if self.fatal is not None:
+            raise self.fatal
         start = int(cursor) if cursor else 0
         while start < len(self.records):
             chunk = self.records[start : start + self.page_size]

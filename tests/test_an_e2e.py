@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 import pytest_asyncio
 
-from bridge.demo import SOURCE, World, ghl_writes, sim_world
+from bridge.demo import SOURCE, World, ghl_writes, sim_world, summary_notes
 from bridge.sim.actionnetwork_state import Person
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
@@ -97,6 +97,22 @@ async def test_activities_arrive_once_each_in_order(world: World) -> None:
         assert len({m["altId"] for m in messages}) == len(messages)
 
 
+async def test_each_person_with_activity_has_one_summary_note(world: World) -> None:
+    """One summary note per contact with activity, and `bridge summarize` prints its text."""
+    active = {c["contactId"] for c in world.ghl.conversations() if world.ghl.messages(c["id"])}
+    notes = summary_notes(world)
+    assert active
+    assert sorted(n["contactId"] for n in notes) == sorted(active)
+    # The backfill queued a summary op per activity; each note was written once, not edited.
+    assert world.ghl.journal.count(method="PUT", route="/contacts/{contactId}/notes/{id}") == 0
+    person = people(world)[0]
+    contact = contact_of(world, person)
+    (note,) = [n for n in notes if n["contactId"] == contact["id"]]
+    status, output = await bridge_output(world, "summarize", "--contact", contact["email"])
+    assert status == 0
+    assert output == note["body"] + "\n"
+
+
 async def test_write_back_lands_in_action_network(world: World) -> None:
     by_email = {str(c["email"]): c for c in world.ghl.contacts()}
     conversations = {c["contactId"]: c["id"] for c in world.ghl.conversations()}
@@ -146,7 +162,8 @@ async def test_tags_follow_action_network(world: World) -> None:
 
 
 async def test_rules_make_tasks_and_notes_once(world: World) -> None:
-    tasks, notes = len(world.ghl.all_tasks()), len(world.ghl.all_notes())
+    tasks = len(world.ghl.all_tasks())
+    notes = len(world.ghl.all_notes()) - len(summary_notes(world))
     hosts = [p for p in people(world) if "event host" in tag_names(world, p)]
     assert tasks == len(hosts)
     signatures_with_comments = world.an.counts(world.an_key)["signatures"]
@@ -161,12 +178,23 @@ async def test_rules_make_tasks_and_notes_once(world: World) -> None:
 async def test_new_activity_becomes_one_inbound_message(world: World) -> None:
     person = people(world)[3]
     before = world.ghl.stats()["messages"]
+    summaries = {n["id"]: n["body"] for n in summary_notes(world)}
+    mark = world.ghl.journal.last_seq
     petitions, _ = world.an.list_actions(world.an_key, "petitions")
     world.an.add_activity(world.an_key, petitions[0].id, person.id, comments="Count me in")
     assert await bridge(world, "once") == 0
     assert world.ghl.stats()["messages"] == before + 1
     last = world.ghl.messages()[-1]
     assert "Count me in" in last["body"]
+    # The person's summary note changes in place, once; no other summary note changes.
+    (note,) = [n for n in summary_notes(world) if n["contactId"] == contact_of(world, person)["id"]]
+    puts = world.ghl.journal.select(
+        since=mark, method="PUT", route="/contacts/{contactId}/notes/{id}"
+    )
+    assert [e.path.rsplit("/", 1)[-1] for e in puts] == [note["id"]]
+    after = {n["id"]: n["body"] for n in summary_notes(world)}
+    assert after.keys() == summaries.keys()
+    assert {i for i in after if after[i] != summaries[i]} == {note["id"]}
     await asyncio.sleep(1.0)
 
 

@@ -174,7 +174,11 @@ def test_once_with_nothing_to_do_exits_0(
 def test_status_reports_outbox_dead_letters_and_budgets(
     tmp_path: Path, ghl_sim: SimProcess, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    """`status --json` shows cursors, outbox depth by state, dead letters and budgets."""
+    """`status --json` groups budgets, outbox and dead letters by location, then totals them.
+
+    The seeded stream ``an-main.people`` belongs to no configured source, so it and the
+    event it could not map are shown apart from the location.
+    """
     config = write_config(tmp_path, ghl_sim)
     assert main(["--config", str(config), "status"]) == 0
     assert "no state yet" in capsys.readouterr().out
@@ -183,21 +187,33 @@ def test_status_reports_outbox_dead_letters_and_budgets(
     capsys.readouterr()
     assert main(["--config", str(config), "status", "--json"]) == 0
     report = json.loads(capsys.readouterr().out)
-    assert report["streams"] == [
+    (main_location,) = report["locations"]
+    assert main_location["location"] == "main"
+    assert main_location["health"]["state"] == "ok"
+    assert main_location["budgets"][0]["api"] == "ghl"
+    assert main_location["budgets"][0]["capacity"] == 100
+    assert [t["target"] for t in main_location["targets"]] == ["ghl:main"]
+    assert main_location["dead_letters"] == {
+        "total": 1,
+        "by_reason": {"HTTP 422: email must be an email": 1},
+    }
+    other = report["other"]
+    assert other["streams"] == [
         {
             "stream": "an-main.people",
             "cursor": "c1",
-            "cursor_age_seconds": report["streams"][0]["cursor_age_seconds"],
+            "cursor_age_seconds": other["streams"][0]["cursor_age_seconds"],
+            "health": {"state": "ok", "error": None, "since": None, "checked_at": None},
         }
     ]
+    assert other["dead_letters"] == {"total": 1, "by_reason": {"no email": 1}}
     assert report["outbox"] == {"pending": 0, "in_doubt": 0, "in_flight": 0, "done": 0}
     assert report["dead_letters"]["total"] == 2
-    assert report["budgets"][0]["api"] == "ghl"
-    assert report["budgets"][0]["capacity"] == 100
     assert main(["--config", str(config), "status"]) == 0
     text = capsys.readouterr().out
-    assert "dead letters: 2" in text
+    assert "location main: ok" in text
     assert "ghl/main" in text
+    assert "total: dead letters: 2" in text
 
 
 def test_dlq_list_show_drop_and_replay(
@@ -295,3 +311,48 @@ when_tag = "x"
     config = write_config(tmp_path, ghl_sim, extra)
     assert main(["--config", str(config), "check", "--offline"]) == EX_CONFIG
     assert "rules[0]: does nothing" in capsys.readouterr().err
+
+
+def write_two_locations(tmp_path: Path, sim: SimProcess, second_token: str) -> Path:
+    """Two locations on one simulator: ``main`` with its token, ``second`` with another."""
+    second = f"""
+[[ghl.locations]]
+name = "second"
+location_id = "{sim.location_id}"
+base_url = "{sim.url}"
+auth = {{ kind = "private_token", token = "{second_token}" }}
+"""
+    return write_config(tmp_path, sim, second)
+
+
+def test_once_with_one_bad_location_finishes_the_rest_and_names_it(
+    tmp_path: Path, ghl_sim: SimProcess, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A location with a bad token is marked down at start; `once` runs the rest, exits 1
+    naming it, and `status` shows why."""
+    bad_token = "pit-00000000-0000-4000-8000-000000000000"
+    config = write_two_locations(tmp_path, ghl_sim, bad_token)
+    assert main(["--config", str(config), "once"]) == 1
+    err = capsys.readouterr().err
+    assert "bridge: fatal: finished everything else, but these are down" in err
+    assert "GHL location 'second': AuthError: GHL location 'second'" in err
+    assert bad_token not in err
+    assert main(["--config", str(config), "status", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    health = {g["location"]: g["health"] for g in report["locations"]}
+    assert health["main"]["state"] == "ok"
+    assert health["second"]["state"] == "down"
+    assert health["second"]["error"].startswith("AuthError: GHL location 'second'")
+    assert main(["--config", str(config), "status"]) == 0
+    assert "location second: DOWN since" in capsys.readouterr().out
+
+
+def test_start_fails_when_every_location_is_bad(
+    tmp_path: Path, ghl_sim: SimProcess, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """With no usable location at all the start fails as before, with the first one's error."""
+    bad = msgspec.structs.replace(ghl_sim, token="pit-00000000-0000-4000-8000-000000000000")
+    config = write_two_locations(tmp_path, bad, bad.token)
+    assert main(["--config", str(config), "once"]) == 1
+    err = capsys.readouterr().err
+    assert "bridge: fatal: GHL location 'main': the private integration token was rejected" in err

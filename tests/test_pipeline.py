@@ -6,16 +6,19 @@ import asyncio
 import os
 import random
 import signal
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import msgspec
 import pytest
+from structlog.testing import capture_logs
 
 from bridge.clock import SystemClock
-from bridge.errors import Fatal
-from bridge.models import EVENT_KIND, NewOp, Op
-from bridge.pipeline import Pipeline, partition_of
+from bridge.errors import AuthError, Fatal
+from bridge.models import EVENT_KIND, NewOp, Op, OpResult
+from bridge.pipeline import Pipeline
+from bridge.senders import partition_of
 from bridge.shutdown import install_stop_signals
 from bridge.store import Store
 from tests.fakes import FakeStream, FakeTarget, Record, settings
@@ -293,3 +296,260 @@ async def test_op_identical_to_the_last_applied_is_not_sent_again(store: Store) 
         runs.append((pipeline.summary.ops_sent, pipeline.summary.ops_unchanged))
     assert runs == [(1, 0), (0, 1), (1, 0)]
     assert len(target.sent) == 2
+
+
+# -- many targets: isolation -------------------------------------------------------------------
+
+LOCATIONS = {"ghl:a": "a", "ghl:b": "b"}
+
+
+async def wait_until(condition: Callable[[], bool], within: float = 10.0) -> None:
+    """Poll ``condition`` until it holds, failing the test after ``within`` seconds."""
+    async with asyncio.timeout(within):
+        while not condition():  # noqa: ASYNC110 - polling plain test state
+            await asyncio.sleep(0.005)
+
+
+def people(prefix: str, count: int) -> list[Record]:
+    return [Record(key=f"{prefix}{i}", entity=f"{prefix}{i}") for i in range(count)]
+
+
+def events_named(logs: Sequence[Mapping[str, Any]], prefix: str) -> list[str]:
+    return [str(e["event"]) for e in logs if str(e["event"]).startswith(prefix)]
+
+
+async def test_a_stuck_target_holds_only_its_own_senders(store: Store) -> None:
+    """A target whose calls hang (a 429 pause) fills only its own lane; another target's ops,
+    queued behind its whole backlog, still flow."""
+    backlog = [
+        NewOp(target="fake:stuck", entity=f"s{i}", kind="k", source_key=f"s{i}", payload=b"{}")
+        for i in range(100)
+    ]
+    await store.commit_page("stuck.records", None, backlog, now=0.0)
+    stuck, free = FakeTarget(), FakeTarget()
+    stuck.hold = asyncio.Event()  # never set: every call waits
+    stream = FakeStream(people("f", 20), name="free.records", target="fake:free")
+    pipeline = Pipeline(
+        store,
+        [stream],
+        {"fake:stuck": stuck, "fake:free": free},
+        settings(senders=2, queue_size=4, drain_grace=0.05),
+        SystemClock(),
+    )
+    run = asyncio.create_task(pipeline.run())
+    await wait_until(lambda: len(free.applied) == 20, 5)
+    assert stuck.max_concurrent == 2  # its own two senders, no more
+    pipeline.request_stop()
+    await asyncio.wait_for(run, 5)
+    counts = await store.outbox_counts()
+    assert counts["pending"] + counts["in_flight"] == 100
+
+
+async def test_fatal_target_is_quarantined_alone(store: Store) -> None:
+    """A target that raises Fatal is marked down with its reason and its ops wait, uncounted;
+    the other location finishes, and `once` then fails naming the down location."""
+    a_stream = FakeStream(records(3, 2), name="a.records", target="ghl:a")
+    b_stream = FakeStream(people("b", 10), name="b.records", target="ghl:b")
+    a, b = FakeTarget(), FakeTarget()
+    a.fatal = {r.key for r in a_stream.records}
+    pipeline = Pipeline(
+        store,
+        [a_stream, b_stream],
+        {"ghl:a": a, "ghl:b": b},
+        settings(),
+        SystemClock(),
+        locations=LOCATIONS,
+    )
+    with (
+        capture_logs() as logs,
+        pytest.raises(Fatal, match="GHL location 'a': Fatal: credentials revoked for ghl:a"),
+    ):
+        await asyncio.wait_for(pipeline.run(once=True), 10)
+    assert len(b.applied) == 10
+    assert not a.applied
+    assert await store.dead_letters() == []
+    assert (await store.outbox_counts_by_target())["ghl:a"]["pending"] == 6
+    heads = await store.due_ops(now=1e12, limit=10, target="ghl:a")
+    assert [op.attempts for op in heads] == [0, 0, 0]
+    (row,) = await store.health()
+    assert (row.kind, row.name) == ("target", "ghl:a")
+    assert row.error == "Fatal: credentials revoked for ghl:a"
+    (down,) = [e for e in logs if e["event"] == "target_down"]
+    assert (down["log_level"], down["target"], down["location"]) == ("error", "ghl:a", "a")
+
+
+async def test_run_stops_only_when_every_location_is_down(store: Store) -> None:
+    """A write-back target going down leaves the run going; losing every location stops it."""
+    stream = FakeStream(people("p", 4), target="an:src")
+    writeback, location = FakeTarget(), FakeTarget()
+    writeback.fatal = {r.key for r in stream.records}
+    others = FakeStream(people("q", 4), name="q.records", target="ghl:a")
+    pipeline = Pipeline(
+        store,
+        [stream, others],
+        {"an:src": writeback, "ghl:a": location},
+        settings(),
+        SystemClock(),
+        locations={"ghl:a": "a"},
+    )
+    with pytest.raises(Fatal, match="target 'an:src': Fatal: credentials revoked"):
+        await asyncio.wait_for(pipeline.run(once=True), 10)
+    assert len(location.applied) == 4
+
+    await store.mark_up("target", "an:src")
+    writeback.fatal.clear()
+    location.fatal = {"r"}
+    last = FakeStream([Record(key="r", entity="r")], name="r.records", target="ghl:a")
+    pipeline = Pipeline(
+        store,
+        [last],
+        {"an:src": writeback, "ghl:a": location},
+        settings(),
+        SystemClock(),
+        locations={"ghl:a": "a"},
+    )
+    with pytest.raises(Fatal, match=r"^credentials revoked for ghl:a$"):
+        await asyncio.wait_for(pipeline.run(), 10)
+    assert (await store.outbox_counts())["pending"] == 1
+
+
+async def test_down_target_is_probed_after_recheck_and_comes_back(store: Store) -> None:
+    """Nothing is sent to a down target until target_recheck has passed; then one probe goes,
+    and when it works the target is up and its backlog flows."""
+    stream = FakeStream(records(5, 2), target="ghl:a")
+    a = FakeTarget()
+    a.fatal = {r.key for r in stream.records}
+    pipeline = Pipeline(
+        store,
+        [stream],
+        {"ghl:a": a, "ghl:b": FakeTarget()},
+        settings(target_recheck=0.5),
+        SystemClock(),
+        locations=LOCATIONS,
+    )
+    with capture_logs() as logs:
+        run = asyncio.create_task(pipeline.run())
+        await wait_until(lambda: "target_down" in events_named(logs, "target_"))
+        await asyncio.sleep(0.05)  # calls already under way settle
+        calls = len(a.sent)
+        await asyncio.sleep(0.2)
+        assert len(a.sent) == calls  # a down target gets no calls
+        a.fatal.clear()
+        await wait_until(lambda: len(a.applied) == 10)
+        pipeline.request_stop()
+        await asyncio.wait_for(run, 5)
+    assert events_named(logs, "target_") == ["target_down", "target_probe", "target_up"]
+    assert await store.health() == []
+    assert await store.open_ops() == 0
+
+
+async def test_failed_probe_keeps_the_target_down(store: Store) -> None:
+    """A probe that fails again costs one call per recheck and moves the next chance on."""
+    stream = FakeStream(records(3, 1), target="ghl:a")
+    a = FakeTarget()
+    a.fatal = {r.key for r in stream.records}
+    pipeline = Pipeline(
+        store,
+        [stream],
+        {"ghl:a": a, "ghl:b": FakeTarget()},
+        settings(target_recheck=0.2),
+        SystemClock(),
+        locations=LOCATIONS,
+    )
+    with capture_logs() as logs:
+        run = asyncio.create_task(pipeline.run())
+        await wait_until(lambda: events_named(logs, "target_").count("target_still_down") == 2)
+        pipeline.request_stop()
+        await asyncio.wait_for(run, 5)
+    probes = events_named(logs, "target_").count("target_probe")
+    assert probes in (2, 3)  # a third may have started as the run stopped
+    (row,) = await store.health()
+    assert row.checked_at > row.since
+    assert (await store.outbox_counts())["pending"] == 3
+
+
+async def test_fatal_stream_is_marked_down_and_others_go_on(store: Store) -> None:
+    """A stream that raises Fatal is marked down; other streams deliver, and `once` ends
+    non-zero naming it."""
+    bad = FakeStream(people("x", 2), name="bad.records")
+    bad.fatal = AuthError("HTTP 401: key revoked")
+    good = FakeStream(people("g", 3), name="good.records")
+    target = FakeTarget()
+    pipeline = Pipeline(store, [bad, good], {"fake:main": target}, settings(), SystemClock())
+    with (
+        capture_logs() as logs,
+        pytest.raises(Fatal, match=r"stream 'bad\.records': AuthError: HTTP 401: key revoked"),
+    ):
+        await asyncio.wait_for(pipeline.run(once=True), 10)
+    assert len(target.applied) == 3
+    (row,) = await store.health()
+    assert (row.kind, row.name) == ("stream", "bad.records")
+    (down,) = [e for e in logs if e["event"] == "stream_down"]
+    assert down["log_level"] == "error"
+
+
+async def test_fatal_stream_is_polled_again_after_recheck(store: Store) -> None:
+    """A down stream is polled again after target_recheck; once it reads, it is up."""
+    bad = FakeStream(people("x", 2), name="bad.records", poll_interval=0.05)
+    bad.fatal = AuthError("HTTP 401: key revoked")
+    target = FakeTarget()
+    pipeline = Pipeline(
+        store, [bad], {"fake:main": target}, settings(target_recheck=0.2), SystemClock()
+    )
+    with capture_logs() as logs:
+        run = asyncio.create_task(pipeline.run())
+        await wait_until(lambda: bad.polls == 1)
+        await asyncio.sleep(0.1)
+        assert bad.polls == 1  # not before the recheck pause
+        bad.fatal = None
+        await wait_until(lambda: len(target.applied) == 2)
+        pipeline.request_stop()
+        await asyncio.wait_for(run, 5)
+    assert events_named(logs, "stream_") == ["stream_down", "stream_up"]
+    assert await store.health() == []
+
+
+async def test_entity_order_holds_across_targets(store: Store) -> None:
+    """One entity's ops to two targets, one of them slow, are performed in outbox order."""
+    calls: list[str] = []
+
+    class Logged(FakeTarget):
+        async def send(self, op: Op) -> OpResult:
+            calls.append(op.source_key)
+            return await super().send(op)
+
+    ops = [
+        NewOp(
+            target="ghl:a" if n % 2 == 0 else "an:src",
+            entity="p",
+            kind=f"k{n}",
+            source_key=f"p{n}",
+            payload=b"{}",
+        )
+        for n in range(8)
+    ]
+    await store.commit_page("s", None, ops, now=0.0)
+    slow, fast = Logged(delay=0.01), Logged()
+    pipeline = Pipeline(
+        store, [], {"ghl:a": slow, "an:src": fast}, settings(), SystemClock(), locations={}
+    )
+    await asyncio.wait_for(pipeline.run(once=True), 10)
+    assert calls == [f"p{n}" for n in range(8)]
+
+
+async def test_target_left_down_by_an_earlier_run_is_probed_at_start(store: Store) -> None:
+    """A target still marked down from the last run gets one probe first; when it works the
+    row is cleared and the rest follows."""
+    await store.mark_down("target", "ghl:a", "AuthError: revoked", now=0.0)
+    stream = FakeStream(records(4, 2), target="ghl:a")
+    a = FakeTarget()
+    pipeline = Pipeline(
+        store, [stream], {"ghl:a": a}, settings(), SystemClock(), locations={"ghl:a": "a"}
+    )
+    with capture_logs() as logs:
+        await asyncio.wait_for(pipeline.run(once=True), 10)
+    assert events_named(logs, "target_") == ["target_probe", "target_up"]
+    (probe,) = [e for e in logs if e["event"] == "target_probe"]
+    assert a.sent[0].id == probe["op_id"]
+    assert len(a.applied) == 8
+    assert await store.health() == []

@@ -17,6 +17,7 @@ from bridge.errors import (
     AuthError,
     BridgeError,
     InDoubt,
+    MissingScope,
     Rejected,
     Retryable,
     TokenExpired,
@@ -93,7 +94,7 @@ def row(
         row(599, b"", Retryable, id="599"),
         row(401, b'{"statusCode":401,"message":"Invalid JWT"}', TokenExpired, id="401-jwt"),
         row(401, b"", TokenExpired, id="401-empty"),
-        row(401, SCOPE_401, AuthError, id="401-scope"),
+        row(401, SCOPE_401, MissingScope, id="401-scope"),
         row(403, LOCATION_403, AuthError, id="403-location"),
         row(403, AN_403, AuthError, id="403-an-echoes-key"),
         row(

@@ -160,3 +160,79 @@ async def test_tokens_round_trip(tmp_path: Path) -> None:
         assert token is not None
         assert (token.access_token, token.refresh_token) == ("a2", "r2")
         assert await store.load_token("other") is None
+
+
+def op_for(target: str, entity: str, key: str) -> NewOp:
+    return NewOp(target=target, entity=entity, kind="upsert", source_key=key, payload=b"{}")
+
+
+async def test_due_ops_leave_out_targets_in_sql(tmp_path: Path) -> None:
+    """A backlog of a left-out target does not fill the limit; one target can be asked alone."""
+    async with Store.open(tmp_path / "state.db") as store:
+        backlog = [op_for("ghl:busy", f"b{i}", f"b{i}") for i in range(20)]
+        await store.commit_page("s", None, backlog, now=1.0)
+        await store.commit_page("t", None, [op_for("ghl:calm", "c1", "c1")], now=2.0)
+        assert {o.target for o in await store.due_ops(now=5.0, limit=5)} == {"ghl:busy"}
+        calm = await store.due_ops(now=5.0, limit=5, exclude_targets={"ghl:busy"})
+        assert [o.source_key for o in calm] == ["c1"]
+        only = await store.due_ops(now=5.0, limit=2, target="ghl:busy")
+        assert [o.source_key for o in only] == ["b0", "b1"]
+
+
+async def test_entity_order_holds_across_targets(tmp_path: Path) -> None:
+    """An entity's op for another target waits behind its head, even when the head's target
+    is left out."""
+    async with Store.open(tmp_path / "state.db") as store:
+        ops = [op_for("ghl:a", "p", "p-contact"), op_for("an:src", "p", "p-writeback")]
+        await store.commit_page("s", None, ops, now=1.0)
+        assert await store.due_ops(now=2.0, limit=5, exclude_targets={"ghl:a"}) == []
+        (head,) = await store.due_ops(now=2.0, limit=5)
+        assert head.source_key == "p-contact"
+
+
+async def test_next_due_at_after_and_without_targets(tmp_path: Path) -> None:
+    """The dispatcher's wake-up time skips ops due already and those of left-out targets."""
+    async with Store.open(tmp_path / "state.db") as store:
+        await store.commit_page("s", None, [op_for("ghl:a", "x", "x")], now=1.0)
+        await store.commit_page("s", None, [op_for("ghl:b", "y", "y")], now=9.0)
+        assert await store.next_due_at() == 1.0
+        assert await store.next_due_at(after=1.0) == 9.0
+        assert await store.next_due_at(exclude_targets={"ghl:b"}) == 1.0
+        assert await store.next_due_at(after=1.0, exclude_targets={"ghl:b"}) is None
+
+
+async def test_health_rows_keep_since(tmp_path: Path) -> None:
+    """Marking a target down twice keeps when it went down and updates the reason; up clears."""
+    async with Store.open(tmp_path / "state.db") as store:
+        await store.mark_down("target", "ghl:a", "AuthError: revoked", now=1.0)
+        await store.mark_down("target", "ghl:a", "AuthError: still revoked", now=5.0)
+        await store.mark_down("stream", "an.people", "AuthError: bad key", now=6.0)
+        rows = {(r.kind, r.name): r for r in await store.health()}
+        target = rows[("target", "ghl:a")]
+        assert (target.since, target.checked_at, target.error) == (
+            1.0,
+            5.0,
+            "AuthError: still revoked",
+        )
+        assert rows[("stream", "an.people")].since == 6.0
+        assert await store.mark_up("target", "ghl:a")
+        assert not await store.mark_up("target", "ghl:a")
+        assert [r.name for r in await store.health()] == ["an.people"]
+
+
+async def test_counts_by_target_and_stream(tmp_path: Path) -> None:
+    """Open ops per (stream, target), outbox states per target and dead letters by origin."""
+    event = SourceEvent(stream="s", key="k", kind="person", data=b"{}", content_hash="h")
+    async with Store.open(tmp_path / "state.db") as store:
+        ops = [op_for("ghl:a", "x", "x"), op_for("ghl:b", "y", "y"), op_for("ghl:b", "z", "z")]
+        await store.commit_page(
+            "s", None, ops, [Rejection(event=event, reason="no email")], now=1.0
+        )
+        assert await store.open_op_counts() == {("s", "ghl:a"): 1, ("s", "ghl:b"): 2}
+        (first, *_) = await store.due_ops(now=1.0, limit=5, target="ghl:b")
+        await store.dead_letter_op(first, "HTTP 422", now=2.0)
+        by_target = await store.outbox_counts_by_target()
+        assert by_target["ghl:b"]["pending"] == 1
+        assert by_target["ghl:a"]["pending"] == 1
+        groups = {(g.target, g.stream, g.error): g.count for g in await store.dead_letter_groups()}
+        assert groups == {("ghl:b", "s", "HTTP 422"): 1, (None, "s", "no email"): 1}

@@ -247,6 +247,45 @@ class AnClient:
             json={"custom_fields": dict(custom_fields)},
         )
 
+    async def person(self, person_id: str) -> Person:
+        """``GET /people/{id}``."""
+        return await self._get(Person, f"/people/{_q(person_id)}", [])
+
+    async def create_tag(self, name: str) -> None:
+        """``POST /tags``: the helpers only apply tags that already exist (API_FACTS §7.2)."""
+        await rest.request(
+            self._session,
+            "POST",
+            self._base + "/tags",
+            bucket=self._bucket,
+            write=True,
+            clock=self._clock,
+            headers=self._headers,
+            json={"name": name},
+        )
+
+    async def change_tags(self, email: str, add: Sequence[str], remove: Sequence[str]) -> None:
+        """Add and remove tags by name with the person signup helper (``POST /people``).
+
+        Tags cannot be changed with PUT (API_FACTS §8.2); the helper matches the person by
+        e-mail and changes nothing else when only the address is sent (§8.1).
+        """
+        body: dict[str, object] = {"person": {"email_addresses": [{"address": email}]}}
+        if add:
+            body["add_tags"] = list(add)
+        if remove:
+            body["remove_tags"] = list(remove)
+        await rest.request(
+            self._session,
+            "POST",
+            self._base + "/people",
+            bucket=self._bucket,
+            write=True,
+            clock=self._clock,
+            headers=self._headers,
+            json=body,
+        )
+
     async def _get(self, tp: type[T], path: str, query: list[tuple[str, str | int]]) -> T:
         # Quoted by hand so the filter goes out as %20/%27, as API_FACTS §5 spells it.
         url = self._base + path + (f"?{urlencode(query, quote_via=quote)}" if query else "")
@@ -394,6 +433,7 @@ class AnPeopleStream:
         activities: bool = True,
         backfill_since: datetime | None = None,
         own_fields: frozenset[str] = frozenset(),
+        own_tags: frozenset[str] = frozenset(),
     ) -> None:
         if overlap < 0 or index_lag < 0:
             raise ValueError("overlap and index_lag must not be negative")
@@ -410,6 +450,8 @@ class AnPeopleStream:
         # Custom fields the bridge itself writes (the GHL ids): left out of the content
         # hash, so the bridge's own write-back does not read as a change to send again.
         self._own_fields = own_fields
+        # Tags the bridge adds from GHL replies: not the person's to forward, not a change.
+        self._own_tags = own_tags
         self._tags = _TagNames(client)
         self._actions = _Actions(client)
         # People read when their last change was already older than the overlap: seen
@@ -427,6 +469,7 @@ class AnPeopleStream:
         mapper: Mapper = unmapped,
         backfill_since: datetime | None = None,
         own_fields: frozenset[str] = frozenset(),
+        own_tags: frozenset[str] = frozenset(),
     ) -> AnPeopleStream:
         return cls(
             client,
@@ -438,6 +481,7 @@ class AnPeopleStream:
             activities="activities" in source.streams,
             backfill_since=backfill_since,
             own_fields=own_fields,
+            own_tags=own_tags,
         )
 
     def transform(self, event: SourceEvent) -> Sequence[NewOp]:
@@ -495,6 +539,7 @@ class AnPeopleStream:
     ) -> list[SourceEvent]:
         """The person, then their activities in the window in the order they happened."""
         tags = await self._tags.names(await self._client.person_tag_ids(person_id))
+        tags = [t for t in tags if t not in self._own_tags]
         key = self._person_key(person_id)
         data = person_data(person, person_id, tags)
         hashed = msgspec.structs.replace(

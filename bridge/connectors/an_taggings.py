@@ -58,6 +58,7 @@ class AnTaggingsStream:
         clock: Clock,
         mapper: Mapper = unmapped,
         poll_interval: float = 900.0,
+        own_tags: frozenset[str] = frozenset(),
     ) -> None:
         self.source = source
         self.name = f"{source}.taggings"
@@ -66,13 +67,18 @@ class AnTaggingsStream:
         self._known = known
         self._clock = clock
         self._mapper = mapper
+        self._own_tags = own_tags  # added by the bridge from GHL replies: never forwarded
 
     def transform(self, event: SourceEvent) -> Sequence[NewOp]:
         return self._mapper(event)
 
     async def pages(self, cursor: str | None) -> AsyncGenerator[Page, None]:
         started = datetime.fromtimestamp(self._clock.time(), UTC)
-        names = await self._client.tag_names()
+        names = {
+            tag_id: name
+            for tag_id, name in (await self._client.tag_names()).items()
+            if name not in self._own_tags
+        }
         carried: dict[str, set[str]] = defaultdict(set)
         for tag_id, name in names.items():
             async for batch in self._client.pages(Tagging, f"/tags/{tag_id}/taggings"):

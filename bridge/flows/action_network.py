@@ -6,6 +6,10 @@ into Action Network, and the ops of any tag rule it now matches. An activity eve
 an inbound message in the person's conversation (``altId`` = the activity's key, ``date`` =
 when it happened) and the ops of any activity rule it matches.
 
+With ``summary`` enabled, each event also ends in one summary op (see ``bridge.summary``):
+a person's carries their tags and e-mail, an activity's its item, a tag change the new
+tags. The GHL target folds them into the person's one summary note.
+
 Every op of a person shares the person's key as its outbox entity, so they run in the
 order written, after the ops of earlier events of that person. Rule ops carry a key of
 their own (rule name plus the trigger), so a rule fires once per person and tag, or once
@@ -26,7 +30,13 @@ from bridge.config import (
     MessageRule,
     NotifyRule,
 )
-from bridge.connectors.an_models import ACTIVITY_TYPES, ActivityData, PersonData, person_key
+from bridge.connectors.an_models import (
+    ACTIVITY_TYPES,
+    ActivityData,
+    ActivityType,
+    PersonData,
+    person_key,
+)
 from bridge.connectors.an_taggings import TagsData
 from bridge.connectors.an_target import WriteBackIds, write_back_op
 from bridge.connectors.ghl.ops import (
@@ -40,11 +50,13 @@ from bridge.connectors.ghl.ops import (
     UpdateConversation,
     UpsertContact,
     new_op,
+    summary_op,
 )
 from bridge.errors import ConfigError, Rejected
 from bridge.flows.common import Message
 from bridge.mapping import ContactMapping, render
 from bridge.models import NewOp, SourceEvent
+from bridge.summary import SummaryItem, SummaryKind
 
 # Used when the config has no [mapping.<profile>] of the source's name; the same rules are
 # spelt out in config.example.toml.
@@ -79,6 +91,15 @@ DEFAULT_MESSAGES: Mapping[str, MessageRule] = {
         template='Wrote[ to {target_names}] via[ "{action_title}"][\nSubject: {subject}]'
         "[\n\n{message}]"
     ),
+}
+
+# What each activity type counts as in the summary.
+SUMMARY_KINDS: Mapping[ActivityType, SummaryKind] = {
+    "signature": "petition",
+    "submission": "form",
+    "attendance": "event",
+    "donation": "donation",
+    "outreach": "outreach",
 }
 
 _person_decoder = msgspec.json.Decoder(PersonData)
@@ -166,8 +187,10 @@ class ActionNetworkFlow:
         self.rules = [
             Rule(rule, path=f"{source_path}.rules[{i}]") for i, rule in enumerate(source.rules)
         ]
+        self.summary_title = _summary_title(source, path=f"{source_path}.summary.title")
         self.tags = "taggings" in source.streams
         self.write_back = source.write_back
+        self.mirror = source.mirror
         self.source = source.name
         self.ghl = ghl_target
         self.an = an_target
@@ -175,8 +198,13 @@ class ActionNetworkFlow:
     @property
     def own_fields(self) -> frozenset[str]:
         """The Action Network custom fields the bridge writes (kept out of content hashes)."""
-        fields = (self.write_back.contact_id, self.write_back.conversation_id)
+        fields = (self.write_back.contact_id, self.write_back.conversation_id, *self.mirror.fields)
         return frozenset(f for f in fields if f)
+
+    @property
+    def own_tags(self) -> frozenset[str]:
+        """The tags the bridge adds from GHL replies: not forwarded back, not a change."""
+        return frozenset(self.mirror.add_tags)
 
     def __call__(self, event: SourceEvent) -> Sequence[NewOp]:
         try:
@@ -209,6 +237,7 @@ class ActionNetworkFlow:
                 current={f: v for f, v in current.items() if v},
             )
             ops.append(write_back_op(self.an, write))
+        ops += self._summary(key, [], tags=person.tags, email=person.email)
         return ops + self._tag_rules(key, person.tags, record)
 
     def tags_ops(self, key: str, tags: TagsData) -> list[NewOp]:
@@ -216,7 +245,8 @@ class ActionNetworkFlow:
         person = tags.person_key
         sync = new_op(self.ghl, SyncTags(person=person, tags=tags.tags), source_key=key)
         record = {"tags": tags.tags, "person_id": tags.person_id}
-        return [sync, *self._tag_rules(person, tags.tags, record)]
+        summary = self._summary(person, [], tags=tags.tags)
+        return [sync, *summary, *self._tag_rules(person, tags.tags, record)]
 
     def _tag_rules(
         self, person: str, tags: Sequence[str], record: Mapping[str, Any]
@@ -248,10 +278,48 @@ class ActionNetworkFlow:
         for rule in self.rules:
             if rule.matches_activity(activity):
                 ops += rule.ops(self.ghl, person, f"{key}:rule:{rule.name}", record)
-        return ops
+        return ops + self._summary(person, [summary_item(key, activity)])
+
+    def _summary(
+        self,
+        person: str,
+        items: Sequence[SummaryItem],
+        *,
+        tags: Sequence[str] | None = None,
+        email: str | None = None,
+    ) -> list[NewOp]:
+        if self.summary_title is None:
+            return []
+        return [
+            summary_op(self.ghl, person, items, title=self.summary_title, tags=tags, email=email)
+        ]
 
     def _ghl(self, op: GhlOp) -> NewOp:
         return new_op(self.ghl, op)
+
+
+def _summary_title(source: ActionNetworkSource, *, path: str) -> str | None:
+    """The summary note's title line, or None when summaries are off."""
+    if not source.summary.enabled:
+        return None
+    title = source.summary.title
+    if not title.strip() or "\n" in title or "\r" in title:
+        raise ConfigError(path, "must be one line of text (it is the note's first line)")
+    return title.strip()
+
+
+def summary_item(key: str, activity: ActivityData) -> SummaryItem:
+    """What an activity adds to the person's summary; ``key`` is the activity's source key."""
+    kind = SUMMARY_KINDS[activity.type]
+    return SummaryItem(
+        kind=kind,
+        key=key,
+        at=None if activity.created_date is None else activity.created_date.isoformat(),
+        title=activity.action_title,
+        amount=activity.amount if kind == "donation" else None,
+        currency=activity.currency if kind == "donation" else None,
+        status=activity.status if kind == "event" else None,
+    )
 
 
 def person_record(person: PersonData) -> dict[str, Any]:

@@ -309,25 +309,50 @@ class ActiveDemandFlow:
         self, key: str, person: str, message: MessageData, kind: str, text: str
     ) -> list[NewOp]:
         """A transcript or alert written into ActiveDEMAND, as ``[history]`` says."""
-        settings = self.history
-        contact_id = message.contact_id
-        if settings.via == "none" or contact_id is None or not text:
+        if message.contact_id is None:
             return []
-        if settings.via == "history":
-            entry = AddHistory(person=person, contact_id=contact_id, kind=settings.kind, text=text)
-            return [new_ad_op(self.ad, entry, source_key=key)]
-        assert settings.form_id is not None  # checked when the flow was built
-        form = SubmitForm(
+        return to_activedemand(
+            self.history,
+            self.ad,
+            key=key,
             person=person,
-            contact_id=contact_id,
-            form_id=settings.form_id,
-            fields=dict(settings.fields),
-            record={"kind": kind, "text": text, "message_id": message.id},
+            contact_id=message.contact_id,
+            kind=kind,
+            text=text,
+            message_id=message.id,
         )
-        return [new_ad_op(self.ad, form, source_key=key)]
 
     def _ghl(self, op: GhlOp) -> NewOp:
         return new_op(self.ghl, op)
+
+
+def to_activedemand(
+    settings: AdHistorySettings,
+    target: str,
+    *,
+    key: str,
+    person: str,
+    contact_id: str,
+    kind: str,
+    text: str,
+    message_id: str,
+) -> list[NewOp]:
+    """Text written into an ActiveDEMAND contact as ``settings`` say: a history entry, a
+    form submission (its templates read ``kind``, ``text`` and ``message_id``), or nothing."""
+    if settings.via == "none" or not text:
+        return []
+    if settings.via == "history":
+        entry = AddHistory(person=person, contact_id=contact_id, kind=settings.kind, text=text)
+        return [new_ad_op(target, entry, source_key=key)]
+    assert settings.form_id is not None  # checked when the flow was built
+    form = SubmitForm(
+        person=person,
+        contact_id=contact_id,
+        form_id=settings.form_id,
+        fields=dict(settings.fields),
+        record={"kind": kind, "text": text, "message_id": message_id},
+    )
+    return [new_ad_op(target, form, source_key=key)]
 
 
 def message_record(message: MessageData) -> dict[str, Any]:

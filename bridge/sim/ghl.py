@@ -932,6 +932,7 @@ def _add_inspection_routes(app: web.Application, sim: GhlSim) -> None:
             ("status403Window", "status_403_window"),
             ("uploadLimit", "upload_limit"),
             ("accessTokenTtl", "access_token_ttl"),
+            ("exportDenied", "export_denied"),
         ):
             if key in raw:
                 setattr(sim, attr, raw[key])
@@ -954,6 +955,10 @@ def _add_inspection_routes(app: web.Application, sim: GhlSim) -> None:
             user_id=raw.get("userId"),
         )
         return _ok({"message": msg})
+
+    async def message_status(request: web.Request) -> web.Response:
+        raw = await read(request)
+        return _ok({"message": sim.set_message_status(raw["messageId"], raw["status"])})
 
     async def contacts(request: web.Request) -> web.Response:
         return _ok({"contacts": sim.contacts(request.query.get("locationId"))})
@@ -980,6 +985,7 @@ def _add_inspection_routes(app: web.Application, sim: GhlSim) -> None:
         ("revoke", revoke),
         ("config", configure),
         ("replies", add_reply),
+        ("message-status", message_status),
     ):
         app.router.add_post(f"/_sim/ghl/{path}", handler)
     for path, getter in (

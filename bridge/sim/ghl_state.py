@@ -344,6 +344,9 @@ class GhlSim:
         self.status_403_window = status_403_window
         self.upload_limit = upload_limit
         self.company_id = company_id
+        # Some tokens may read messages but not export them (API_FACTS §2.2 names a scope
+        # only); a test turns this on to drive the bridge's search-and-list fallback.
+        self.export_denied = False
         self.journal = Journal()
         self.faults = Faults(seed)
         self.limiter = RollingLimiter(
@@ -1150,6 +1153,13 @@ class GhlSim:
         )
         return self.message_json(msg)
 
+    def set_message_status(self, message_id: str, status: str) -> dict[str, Any]:
+        """A delivery report arriving in GHL for a message (for two-way sync tests)."""
+        msg = self._messages[message_id]
+        msg.status = status
+        msg.date_updated = self.now_ms()
+        return self.message_json(msg)
+
     def get_message(self, token: Token, message_id: str) -> Message:
         """``GET /conversations/messages/{id}``."""
         return self._message(token, message_id)
@@ -1189,6 +1199,8 @@ class GhlSim:
         """``GET /conversations/messages/export``: (page, nextCursor, total)."""
         location_id = q.get("locationId")
         self.require_location(token, location_id)
+        if self.export_denied:
+            raise GhlError(401, SCOPE_DENIED)
         by_updated = q.get("sortBy") == "updatedAt"
         descending = q.get("sortOrder", "desc") != "asc"
         channel = q.get("channel")

@@ -8,12 +8,14 @@ person run in order.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Literal
 
 import msgspec
 
 from bridge.connectors.ghl.models import CallStatus, ContactUpsert, InboundType, ProviderStatus
 from bridge.models import NewOp
+from bridge.summary import SummaryItem, normalized, summary_key
 
 
 class UpsertContact(
@@ -141,6 +143,23 @@ class AssignContact(
     user_id: str
 
 
+class UpdateSummary(
+    msgspec.Struct, frozen=True, kw_only=True, tag_field="op", tag="ghl.update_summary"
+):
+    """Add to the person's summary ledger and keep their one summary note in step with it.
+
+    ``items`` are added (replacing items of the same key); ``tags`` and ``email``, when
+    given, replace what the ledger holds, and None keeps it. The note is written only
+    when the digest of the whole ledger changed, and only once the person has activity.
+    """
+
+    person: str
+    title: str
+    items: list[SummaryItem] = []
+    tags: list[str] | None = None
+    email: str | None = None
+
+
 GhlOp = (
     UpsertContact
     | EnsureConversation
@@ -153,6 +172,7 @@ GhlOp = (
     | UploadAttachment
     | UpdateMessageStatus
     | AssignContact
+    | UpdateSummary
 )
 
 _encoder = msgspec.json.Encoder()
@@ -176,3 +196,29 @@ def new_op(target: str, op: GhlOp, *, source_key: str | None = None) -> NewOp:
         source_key=source_key or op.person,
         payload=_encoder.encode(op),
     )
+
+
+def summary_op(
+    target: str,
+    contact_key: str,
+    items: Sequence[SummaryItem],
+    *,
+    title: str,
+    tags: Sequence[str] | None = None,
+    email: str | None = None,
+) -> NewOp:
+    """An outbox row that adds ``items`` to a person's summary and refreshes its note.
+
+    ``contact_key`` is the person's source key (the op runs in order with their other
+    ops); ``title`` is the note's first line. ``tags`` and ``email`` replace what the
+    ledger holds; None keeps it. Every summary op of a person shares one source key, so
+    an op identical to the last one applied completes without a call.
+    """
+    op = UpdateSummary(
+        person=contact_key,
+        title=title,
+        items=[normalized(item) for item in items],
+        tags=None if tags is None else sorted(set(tags)),
+        email=None if email is None else email.strip().lower() or None,
+    )
+    return new_op(target, op, source_key=summary_key(contact_key))

@@ -6,8 +6,9 @@ queued before their contact existed still work: ops of one person run in order.
 Reconciliation, for an op whose outcome is unknown (crash or timeout after sending):
 contacts are upserted again (idempotent by email/phone); a conversation is searched by
 contactId; an inbound message is looked up by its ``altId`` among the conversation's
-recent messages; a note or task by the marker the bridge writes into its body. Tag
-changes and conversation updates are idempotent and simply sent again.
+recent messages; a note or task by the marker the bridge writes into its body, and so
+is a summary note (see ``summary_note``). Tag changes and conversation updates are
+idempotent and simply sent again.
 """
 
 from __future__ import annotations
@@ -34,10 +35,12 @@ from bridge.connectors.ghl.ops import (
     SyncTags,
     UpdateConversation,
     UpdateMessageStatus,
+    UpdateSummary,
     UploadAttachment,
     UpsertContact,
     decode_op,
 )
+from bridge.connectors.ghl.summary_note import SummaryNotes
 from bridge.errors import InDoubt, Rejected, Retryable
 from bridge.models import IdMapUpdate, Op, OpResult, marker
 from bridge.store import Store
@@ -62,6 +65,7 @@ class GhlTarget:
         self._store = store
         self._clock = clock
         self._last_success: float | None = None
+        self._summaries = SummaryNotes(client, store, clock=clock)
 
     async def send(self, op: Op) -> OpResult:
         payload = _decode(op)
@@ -102,6 +106,9 @@ class GhlTarget:
                 tag = marker(op.source_key)
                 task = next((t for t in tasks if tag in (t.body or "")), None)
                 return None if task is None else _ids(op.source_key, message_id=task.id)
+            case UpdateSummary():
+                await self._summaries.reconcile(payload, self._contact_id)
+                return None
             case _:
                 # Upserts, tag changes and conversation updates are idempotent.
                 return None
@@ -159,6 +166,8 @@ class GhlTarget:
                 return _ids(op.source_key, message_id=created.id)
             case UploadAttachment():
                 return await self._upload(op, payload)
+            case UpdateSummary():
+                return await self._summaries.send(op, payload, self._contact_id)
             case UpdateMessageStatus(message_key=key, status=status, error=error):
                 sent = await self._store.id_map(key)
                 if sent is None or sent.message_id is None:
