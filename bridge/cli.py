@@ -85,7 +85,9 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument(
         "--offline", action="store_true", help="only validate the config; make no API calls"
     )
-    status = commands.add_parser("status", help="cursors, outbox, dead letters, budgets")
+    status = commands.add_parser(
+        "status", help="per GHL location: health, budgets, cursors, outbox, dead letters"
+    )
     status.add_argument("--json", action="store_true", help="machine-readable output")
     summarize = commands.add_parser(
         "summarize",

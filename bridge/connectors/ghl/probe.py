@@ -32,11 +32,13 @@ PROBES: tuple[tuple[str, str, str, dict[str, str], str], ...] = (
     ("contacts.write", "POST", "/contacts/upsert", {}, CONTACTS),
     ("conversations.readonly", "GET", "/conversations/search", {"limit": "1"}, CONVERSATIONS),
     ("conversations.write", "POST", "/conversations/", {}, CONVERSATIONS),
+    # A message that does not exist: 404 once the scope is granted. Not the export, which
+    # a token may be refused while it reads messages (the reverse stream falls back then).
     (
         "conversations/message.readonly",
         "GET",
-        "/conversations/messages/export",
-        {"limit": "10"},
+        "/conversations/messages/bridge-scope-probe",
+        {},
         CONVERSATIONS,
     ),
     ("conversations/message.write", "POST", "/conversations/messages/inbound", {}, CONVERSATIONS),
@@ -120,7 +122,9 @@ async def _probe(
             if "scope" in str(exc):
                 return False
             raise
-        except Rejected:
-            return method == "POST"  # the body was refused, so the scope was granted
+        except Rejected as exc:
+            # The body was refused, or the probe's made-up id was not found: either way the
+            # scope check, which comes first, passed.
+            return method == "POST" or exc.status == 404
         return True
     return False  # pragma: no cover - the loop always returns or raises
