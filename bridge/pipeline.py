@@ -410,7 +410,15 @@ class Pipeline:
             if result is None:
                 result = await target.send(op)
         except Retryable as exc:
-            await self._retry(op, str(exc), exc.retry_after, in_doubt=op.in_doubt)
+            # A 429 is the location's budget, not the record: however long a location is
+            # flooded, its ops wait (at Retry-After pace) rather than become dead letters.
+            await self._retry(
+                op,
+                str(exc),
+                exc.retry_after,
+                in_doubt=op.in_doubt,
+                counted=exc.status != 429,
+            )
         except InDoubt as exc:
             await self._retry(op, str(exc), None, in_doubt=True)
         except Rejected as exc:
@@ -445,9 +453,15 @@ class Pipeline:
         self._check_drained()
 
     async def _retry(
-        self, op: Op, error: str, retry_after: float | None, *, in_doubt: bool
+        self,
+        op: Op,
+        error: str,
+        retry_after: float | None,
+        *,
+        in_doubt: bool,
+        counted: bool = True,
     ) -> None:
-        if op.attempts + 1 >= self._settings.max_attempts:
+        if counted and op.attempts + 1 >= self._settings.max_attempts:
             await self._dead_letter(op, f"gave up after {op.attempts + 1} attempts: {error}")
             return
         delay = backoff_delay(
@@ -463,6 +477,7 @@ class Pipeline:
             error=error,
             in_doubt=in_doubt,
             now=self._clock.time(),
+            counted=counted,
         )
         self.summary.ops_retried += 1
         log.warning(

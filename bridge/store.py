@@ -590,14 +590,22 @@ class Store:
         )
 
     async def retry_later(
-        self, op: Op, *, next_at: float, error: str, in_doubt: bool, now: float
+        self,
+        op: Op,
+        *,
+        next_at: float,
+        error: str,
+        in_doubt: bool,
+        now: float,
+        counted: bool = True,
     ) -> None:
-        """Put an op back as pending, due at ``next_at``, counting the failed attempt."""
+        """Put an op back as pending, due at ``next_at``, counting the failed attempt
+        unless ``counted`` is false."""
         async with self._tx() as conn:
             await conn.execute(
-                "UPDATE outbox SET state = 'pending', attempts = attempts + 1, next_at = ?,"
+                "UPDATE outbox SET state = 'pending', attempts = attempts + ?, next_at = ?,"
                 " last_error = ?, in_doubt = ?, updated_at = ? WHERE id = ?",
-                (next_at, error, int(in_doubt), now, op.id),
+                (int(counted), next_at, error, int(in_doubt), now, op.id),
             )
 
     async def release(self, op: Op) -> None:

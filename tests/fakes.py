@@ -96,6 +96,7 @@ class FakeTarget:
         self.reconciled: list[Op] = []
         self.applied: dict[tuple[str, str], int] = defaultdict(int)
         self.retryable: dict[str, int] = {}
+        self.rate_limited: dict[str, int] = {}
         self.in_doubt_after_write: dict[str, int] = {}
         self.reject: set[str] = set()
         self.fatal: set[str] = set()
@@ -120,6 +121,9 @@ class FakeTarget:
             key = op.source_key
             if key in self.fatal:
                 raise Fatal(f"credentials revoked for {op.target}")
+            if self.rate_limited.get(key, 0) > 0:
+                self.rate_limited[key] -= 1
+                raise Retryable("HTTP 429 from fake target", retry_after=0.001, status=429)
             if self.retryable.get(key, 0) > 0:
                 self.retryable[key] -= 1
                 raise Retryable("HTTP 503 from fake target", retry_after=None)

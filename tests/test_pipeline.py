@@ -118,6 +118,19 @@ async def test_retries_are_bounded_then_dead_lettered(store: Store) -> None:
     assert pipeline.summary.dead_lettered == 1
 
 
+async def test_rate_limits_never_use_up_an_ops_attempts(store: Store) -> None:
+    """A 429 is the budget, not the record: an op flooded with them still goes through."""
+    stream = FakeStream([Record(key="a", entity="e1")])
+    target = FakeTarget()
+    target.rate_limited["a"] = 6
+    target.retryable["a"] = 1
+    pipeline = await run_once(store, stream, target, max_attempts=3)
+    assert target.applied[("a", "step0")] == 1
+    assert pipeline.summary.dead_lettered == 0
+    # Only the 503 counted.
+    assert [op.attempts for op in target.sent if op.source_key == "a"][-1] == 1
+
+
 async def test_rejection_goes_to_dead_letters_without_stalling_others(store: Store) -> None:
     """A rejected op and an unmappable event are dead-lettered with reasons; the rest flow."""
     recs = records(10, 3)
