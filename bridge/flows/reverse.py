@@ -149,29 +149,21 @@ class ReverseFlow:
         mirror = source.mirror
         if reply.direction not in mirror.directions:
             return []
+        # Each entry is made once under its own key: the reply, then each status reached.
+        entries = [("reply", f"{key}:{source.name}:reply", mirror.reply)]
+        if reply.status in mirror.statuses:
+            status_key = f"{key}:{source.name}:status:{reply.status}"
+            entries.append(("status", status_key, mirror.status))
         ops: list[NewOp] = []
-        if mirror.reply:
-            text = render(mirror.reply, record)
+        for kind, entry_key, template in entries:
             ops += to_activedemand(
                 source.history,
                 target,
-                key=f"{key}:{source.name}:reply",
+                key=entry_key,
                 person=link,
                 contact_id=contact_id,
-                kind="reply",
-                text=text,
-                message_id=reply.id,
-            )
-        if reply.status in mirror.statuses and mirror.status:
-            text = render(mirror.status, record)
-            ops += to_activedemand(
-                source.history,
-                target,
-                key=f"{key}:{source.name}:status:{reply.status}",
-                person=link,
-                contact_id=contact_id,
-                kind="status",
-                text=text,
+                kind=kind,
+                text=render(template, record) if template else "",
                 message_id=reply.id,
             )
         return ops
