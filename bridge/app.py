@@ -102,7 +102,11 @@ def reverse_flow(config: Config, location: GhlLocation) -> ReverseFlow:
 
 def reads_back(config: Config, location: GhlLocation) -> bool:
     """Whether the location has a reverse stream: enabled, and some source mirrors."""
-    return location.reverse.enabled and reverse_flow(config, location).active
+    return _reads_back(location, reverse_flow(config, location))
+
+
+def _reads_back(location: GhlLocation, flow: ReverseFlow) -> bool:
+    return location.reverse.enabled and flow.active
 
 
 class Flows(msgspec.Struct, frozen=True, kw_only=True):
@@ -119,9 +123,9 @@ def compile_flows(config: Config) -> Flows:
         action_network={s.name: an_flow(config, s) for s in config.sources.action_network},
         activedemand={s.name: ad_flow(config, s) for s in config.sources.activedemand},
         reverse={
-            loc.name: reverse_flow(config, loc)
+            loc.name: flow
             for loc in config.ghl.locations
-            if reads_back(config, loc)
+            if _reads_back(loc, flow := reverse_flow(config, loc))
         },
     )
 

@@ -41,6 +41,21 @@ def signpost_at(clock: Clock, index_lag: float) -> datetime:
     return datetime.fromtimestamp(math.floor(clock.time() - index_lag), UTC)
 
 
+def parse_time(value: object) -> datetime | None:
+    """An aware UTC datetime from an ISO-8601 string or epoch seconds; None if neither."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int | float):
+        return datetime.fromtimestamp(value, UTC)
+    if not isinstance(value, str) or not value:
+        return None
+    try:
+        parsed = datetime.fromisoformat(value)
+    except ValueError:
+        return None
+    return parsed.replace(tzinfo=UTC) if parsed.tzinfo is None else parsed.astimezone(UTC)
+
+
 def parse_cursor(cursor: str, *, stream: str) -> datetime:
     """A stored cursor back as an aware UTC datetime; anything else is an operator problem."""
     try:

@@ -14,13 +14,13 @@ unchanged ledger always gives the same bytes, which is what makes "no change, no
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
-from datetime import UTC, datetime
 from decimal import Decimal, InvalidOperation
 from typing import Final, Literal
 
 import msgspec
 
 from bridge.models import marker
+from bridge.streams import parse_time
 
 SummaryKind = Literal["petition", "form", "event", "donation", "outreach", "ghl_message"]
 
@@ -90,7 +90,7 @@ def ledger_key(item: SummaryItem) -> str:
 def normalized(item: SummaryItem) -> SummaryItem:
     """The item with ``at`` as ``YYYY-MM-DDTHH:MM:SSZ`` (None if unreadable), so ledger rows
     compare and sort as text, whichever offset the source wrote."""
-    moment = _moment(item.at)
+    moment = parse_time(item.at)
     at = None if moment is None else moment.strftime("%Y-%m-%dT%H:%M:%SZ")
     return item if at == item.at else msgspec.structs.replace(item, at=at)
 
@@ -171,19 +171,8 @@ def _attending(item: SummaryItem) -> bool:
     return (item.status or "").strip().lower() not in _NOT_ATTENDING
 
 
-def _moment(value: str | None) -> datetime | None:
-    if not value:
-        return None
-    try:
-        moment = datetime.fromisoformat(value.replace("Z", "+00:00"))
-    except ValueError:
-        return None
-    # A naive time is read as UTC, as Action Network means it.
-    return moment.replace(tzinfo=UTC) if moment.tzinfo is None else moment.astimezone(UTC)
-
-
 def _date(value: str | None) -> str:
-    moment = _moment(value)
+    moment = parse_time(value)
     return "" if moment is None else moment.strftime("%Y-%m-%d")
 
 

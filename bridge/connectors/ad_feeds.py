@@ -13,13 +13,14 @@ records and :class:`PageRule` decides when a walk ends or has gone wrong.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Annotated, Any
 
 import msgspec
 
 from bridge.errors import Fatal
 from bridge.models import content_hash
+from bridge.streams import parse_time
 
 __all__ = [
     "FeedConfig",
@@ -192,21 +193,6 @@ def _keyed(item: object, feed: FeedConfig, label: str, where: str) -> KeyedRecor
     else:
         version = content_hash(_ENCODER.encode(item))
     return KeyedRecord(id=str(raw_id), version=version, updated=updated, record=item)
-
-
-def parse_time(value: object) -> datetime | None:
-    """An aware UTC datetime from an ISO-8601 string or epoch seconds; None if neither."""
-    if isinstance(value, bool):
-        return None
-    if isinstance(value, int | float):
-        return datetime.fromtimestamp(value, UTC)
-    if not isinstance(value, str) or not value:
-        return None
-    try:
-        parsed = datetime.fromisoformat(value)
-    except ValueError:
-        return None
-    return parsed.replace(tzinfo=UTC) if parsed.tzinfo is None else parsed.astimezone(UTC)
 
 
 class PageRule:

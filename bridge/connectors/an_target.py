@@ -67,36 +67,31 @@ _fields_decoder = msgspec.json.Decoder(MirrorFields)
 _tags_decoder = msgspec.json.Decoder(MirrorTags)
 
 
-def write_back_op(target: str, op: WriteBackIds) -> NewOp:
-    """An outbox row for the write-back, ordered after the person's GHL ops."""
+def _person_op(
+    target: str, kind: str, source_key: str, op: WriteBackIds | MirrorFields | MirrorTags
+) -> NewOp:
+    """An outbox row filed under the person, so it runs in order with their other ops."""
     return NewOp(
         target=target,
         entity=op.person,
-        kind=WRITE_BACK_KIND,
-        source_key=op.person,
+        kind=kind,
+        source_key=source_key,
         payload=_encoder.encode(op),
     )
+
+
+def write_back_op(target: str, op: WriteBackIds) -> NewOp:
+    """An outbox row for the write-back, ordered after the person's GHL ops."""
+    return _person_op(target, WRITE_BACK_KIND, op.person, op)
 
 
 def mirror_fields_op(target: str, op: MirrorFields) -> NewOp:
-    """An outbox row for mirrored fields, filed under the person (one applied payload each)."""
-    return NewOp(
-        target=target,
-        entity=op.person,
-        kind=MIRROR_FIELDS_KIND,
-        source_key=f"{op.person}:ghl-reply",
-        payload=_encoder.encode(op),
-    )
+    """Mirrored fields, under one source key per person (the newest payload applied)."""
+    return _person_op(target, MIRROR_FIELDS_KIND, f"{op.person}:ghl-reply", op)
 
 
 def mirror_tags_op(target: str, op: MirrorTags) -> NewOp:
-    return NewOp(
-        target=target,
-        entity=op.person,
-        kind=MIRROR_TAGS_KIND,
-        source_key=f"{op.person}:ghl-tags",
-        payload=_encoder.encode(op),
-    )
+    return _person_op(target, MIRROR_TAGS_KIND, f"{op.person}:ghl-tags", op)
 
 
 def newest_mark(person: str) -> str:

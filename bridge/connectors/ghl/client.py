@@ -226,10 +226,9 @@ class GhlClient:
         return await self._get(models.ExportPage, "/conversations/messages/export", params=query)
 
     async def iter_export_pages(
-        self, params: models.MessageExport | None = None
+        self, params: models.MessageExport | None = None, *, cursor: str | None = None
     ) -> AsyncIterator[models.ExportPage]:
-        """Every export page until ``nextCursor`` is null."""
-        cursor: str | None = None
+        """Every export page from ``cursor`` (the start when None) until ``nextCursor`` is null."""
         seen: set[str] = set()
         while True:
             page = await self.export_messages(params, cursor=cursor)

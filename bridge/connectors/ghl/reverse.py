@@ -38,7 +38,7 @@ from bridge.connectors.ghl import models
 from bridge.connectors.ghl.client import GhlClient
 from bridge.errors import Fatal, MissingScope, Rejected
 from bridge.models import NewOp, Page, SourceEvent
-from bridge.streams import Mapper, make_event, unmapped
+from bridge.streams import Mapper, make_event, parse_time, unmapped
 
 log = structlog.get_logger("bridge.connectors.ghl.reverse")
 
@@ -92,13 +92,8 @@ def message_key(location: str, message_id: str) -> str:
 
 def epoch_ms(value: str | None) -> int:
     """An ISO time from GHL as epoch ms (0 when absent or unreadable)."""
-    if not value:
-        return 0
-    try:
-        parsed = datetime.fromisoformat(value)
-    except ValueError:
-        return 0
-    return int((parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)).timestamp() * 1000)
+    parsed = parse_time(value)
+    return 0 if parsed is None else int(parsed.timestamp() * 1000)
 
 
 class GhlMessagesStream:
@@ -180,6 +175,7 @@ class GhlMessagesStream:
     ) -> AsyncGenerator[tuple[Page, ReverseCursor], None]:
         state = msgspec.structs.replace(state, mode="export")
         since = datetime.fromtimestamp(state.since / 1000, UTC)
+        read = False
         for scan, channel in _SCANS:
             if channel == "Email" and not self._settings.email:
                 continue
@@ -190,28 +186,23 @@ class GhlMessagesStream:
                 channel=channel,
                 start_date=since,
             )
-            cursor = state.scans.get(scan)
-            seen: set[str] = set()
-            while True:
-                page = await self._client.export_messages(params, cursor=cursor)
-                events = await self._events(page.messages)
-                last = page.next_cursor is None
+            resume = state.scans.get(scan)
+            async for page in self._client.iter_export_pages(params, cursor=resume):
                 # After the last page, keep the cursor that fetched it: the export has no
                 # cursor past its end, and re-reading one page is cheap.
-                resume = cursor if last else page.next_cursor
+                resume = page.next_cursor or resume
                 scans = dict(state.scans)
                 if resume is None:
                     scans.pop(scan, None)
                 else:
                     scans[scan] = resume
                 state = msgspec.structs.replace(state, scans=scans)
-                yield Page(events=events, cursor=_encode(state)), state
-                if last:
-                    break
-                if page.next_cursor in seen:
-                    raise Fatal(f"{self.name}: the export cursor repeats; paging would loop")
-                seen.add(page.next_cursor or "")
-                cursor = page.next_cursor
+                read = True
+                yield Page(events=await self._events(page.messages), cursor=_encode(state)), state
+        if not read:
+            # The pager yields no empty page: store the state even when nothing came, so
+            # the first poll's starting point is kept.
+            yield Page(events=[], cursor=_encode(state)), state
 
     # ----------------------------------------------------------------- search
 
