@@ -7,19 +7,27 @@ import contextlib
 import math
 from collections.abc import AsyncIterator, Mapping, Sequence
 from datetime import datetime
+from pathlib import Path
 
 import aiohttp
 import msgspec
 import structlog
 
 from bridge.clock import Clock, SystemClock
-from bridge.config import ActionNetworkSource, ActiveDemandSource, Config, GhlLocation
+from bridge.config import (
+    ActionNetworkSource,
+    ActiveDemandSource,
+    Config,
+    GhlLocation,
+    listen_address,
+    load_config,
+)
 from bridge.connectors.actionnetwork import AnClient, AnPeopleStream
 from bridge.connectors.activedemand import AdClient, AdContactsStream, AdConversationsStream
 from bridge.connectors.ad_target import AdTarget
 from bridge.connectors.an_taggings import AnTaggingsStream
 from bridge.connectors.an_target import AnWriteBackTarget
-from bridge.connectors.ghl.auth import token_source
+from bridge.connectors.ghl.auth import OAuthTokens, token_source
 from bridge.connectors.ghl.client import GhlClient, TokenSource
 from bridge.connectors.ghl.probe import ScopeCheck, check_location
 from bridge.connectors.ghl.reverse import GhlMessagesStream
@@ -28,18 +36,28 @@ from bridge.errors import AuthError, ConfigError, Fatal, Retryable
 from bridge.flows.action_network import ActionNetworkFlow
 from bridge.flows.activedemand import ActiveDemandFlow
 from bridge.flows.reverse import ReverseFlow
-from bridge.models import BudgetRow
+from bridge.models import BudgetRow, NewOp, SourceEvent
+from bridge.observability.http import serve
+from bridge.observability.logs import configure_output
+from bridge.observability.metrics import Metrics, Snapshot
+from bridge.observability.service import ServiceView
+from bridge.observability.systemd import Notifier
 from bridge.pipeline import Pipeline, RunSummary, Stream, Target
 from bridge.ratelimit import Limiters, ShareOf
 from bridge.redact import register_secret
+from bridge.reload import merge_reloadable
 from bridge.rest import make_session
-from bridge.shutdown import install_stop_signals
+from bridge.shutdown import install_reload_signal, install_stop_signals
 from bridge.store import Store
+from bridge.streams import Mapper
 
 log = structlog.get_logger("bridge.app")
 
 BUDGET_REPORT_INTERVAL = 5.0
-"""How often the daemon writes its bucket states for ``bridge status`` to read."""
+"""How often the daemon writes its bucket states for ``bridge status`` and sends STATUS=."""
+
+DRAIN_TIMEOUT_MARGIN = 15.0
+"""Asked of systemd on top of the drain grace while draining: closing the store and session."""
 
 DONE_RETENTION = 86_400.0
 """Done ops are kept a day for ``bridge status`` and post-mortems, then pruned."""
@@ -117,6 +135,39 @@ class Flows(msgspec.Struct, frozen=True, kw_only=True):
     reverse: dict[str, ReverseFlow]
 
 
+class LiveMapper:
+    """A stream's mapper that a reload replaces between two events (see bridge.reload)."""
+
+    def __init__(self, mapper: Mapper) -> None:
+        self.current = mapper
+
+    def __call__(self, event: SourceEvent) -> Sequence[NewOp]:
+        return self.current(event)
+
+
+def flow_mappers(flows: Flows) -> dict[str, Mapper]:
+    """Each flow's mapper by name: the source's name, or ``reverse:<location>``."""
+    mappers: dict[str, Mapper] = {}
+    mappers |= flows.action_network
+    mappers |= flows.activedemand
+    mappers |= {f"reverse:{name}": flow for name, flow in flows.reverse.items()}
+    return mappers
+
+
+def poll_intervals(config: Config) -> dict[str, float]:
+    """Each stream's poll interval by stream name, as the config gives it."""
+    intervals: dict[str, float] = {}
+    for an in config.sources.action_network:
+        intervals[f"{an.name}.people"] = float(an.poll_interval)
+        intervals[f"{an.name}.taggings"] = float(an.taggings_interval)
+    for ad in config.sources.activedemand:
+        intervals[f"{ad.name}.contacts"] = float(ad.poll_interval)
+        intervals[f"{ad.name}.conversations"] = float(ad.conversations_interval)
+    for loc in config.ghl.locations:
+        intervals[f"{loc.name}.messages"] = float(loc.reverse.poll_interval)
+    return intervals
+
+
 def compile_flows(config: Config) -> Flows:
     """Every source's flow; a mapping or rule mistake raises ConfigError."""
     return Flows(
@@ -161,7 +212,11 @@ class GhlLocationParts(msgspec.Struct, frozen=True, kw_only=True):
 
 
 class App:
-    """Everything a run needs, built from the config and owned for the run's lifetime."""
+    """Everything a run needs, built from the config and owned for the run's lifetime.
+
+    ``mappers`` are the streams' mappers by flow name (see :func:`flow_mappers`); a reload
+    swaps what they call. ``config_path`` is where SIGHUP reads the config again.
+    """
 
     def __init__(
         self,
@@ -174,6 +229,9 @@ class App:
         *,
         session: aiohttp.ClientSession,
         locations: Sequence[GhlLocationParts] = (),
+        mappers: Mapping[str, LiveMapper] | None = None,
+        config_path: Path | None = None,
+        notifier: Notifier | None = None,
     ) -> None:
         self.config = config
         self.store = store
@@ -181,14 +239,31 @@ class App:
         self.clock = clock
         self.session = session
         self.locations = list(locations)
+        self.streams = list(streams)
+        self.mappers = dict(mappers or {})
+        self.config_path = config_path
+        self.notifier = notifier or Notifier.from_env()
+        self.metrics = Metrics()
+        ghl_targets = {ghl_target_name(loc.name): loc.name for loc in config.ghl.locations}
         self.pipeline = Pipeline(
             store,
             streams,
             targets,
             config.pipeline,
             clock,
-            locations={ghl_target_name(loc.name): loc.name for loc in config.ghl.locations},
+            locations=ghl_targets,
+            metrics=self.metrics,
+            on_drain=self._draining,
         )
+        self.view = ServiceView(
+            self.pipeline,
+            limiters,
+            streams,
+            locations=ghl_targets,
+            clock=clock,
+            stall_timeout=float(config.pipeline.stall_timeout),
+        )
+        self.metrics.watch(self.snapshot)
 
     async def check_locations_of(
         self, locations: Sequence[GhlLocationParts]
@@ -249,23 +324,107 @@ class App:
         return None
 
     async def run(self, *, once: bool) -> RunSummary:
-        """Run the pipeline with signal handling and the periodic budget report."""
-        await self.store.prune_done(before=self.clock.time() - DONE_RETENTION)
-        await self.verify_locations()
-        reporter = asyncio.create_task(self._report_budgets(), name="budget-report")
-        try:
-            with install_stop_signals(self.pipeline):
-                return await self.pipeline.run(once=once)
-        finally:
-            reporter.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await reporter
-            await self.save_budgets()
+        """Run the pipeline with signal handling, the health listener and the supervisor.
 
-    async def _report_budgets(self) -> None:
+        READY=1 goes to systemd once the state is open and every location's token has
+        been checked (a location that failed is down, and says so in STATUS=).
+        """
+        async with self._listening():
+            await self.store.prune_done(before=self.clock.time() - DONE_RETENTION)
+            await self.verify_locations()
+            self.view.ready = True
+            self.notifier.ready(self.view.status_line())
+            log.info("service_ready", status=self.view.status_line())
+            supervisor = asyncio.create_task(self._supervise(), name="supervisor")
+            try:
+                with install_stop_signals(self.pipeline), install_reload_signal(self.reload):
+                    return await self.pipeline.run(once=once)
+            finally:
+                supervisor.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await supervisor
+                await self.save_budgets()
+
+    @contextlib.asynccontextmanager
+    async def _listening(self) -> AsyncIterator[None]:
+        """The /healthz, /readyz and /metrics listener, when ``[http] listen`` is set."""
+        if not self.config.http.listen:
+            yield
+            return
+        host, port = listen_address(self.config.http.listen)
+        async with serve(self.view, self.metrics, host=host, port=port):
+            yield
+
+    async def _supervise(self) -> None:
+        """Feed the watchdog while alive; write budgets and STATUS= every few seconds."""
+        interval = self.notifier.watchdog_interval
+        next_ping = next_report = 0.0
         while True:
-            await self.save_budgets()
-            await asyncio.sleep(BUDGET_REPORT_INTERVAL)
+            now = self.clock.monotonic()
+            if interval is not None and now >= next_ping and self.view.alive():
+                self.notifier.watchdog()
+                next_ping = now + interval
+            if now >= next_report:
+                await self.save_budgets()
+                self.notifier.status(self.view.status_line())
+                next_report = now + BUDGET_REPORT_INTERVAL
+            await asyncio.sleep(1.0 if interval is None else min(1.0, interval))
+
+    def _draining(self, in_flight: int, grace: float) -> None:
+        self.notifier.stopping(f"draining {in_flight} op(s) in flight, up to {grace:g} s")
+        self.notifier.extend_timeout(grace + DRAIN_TIMEOUT_MARGIN)
+
+    def reload(self) -> None:
+        """SIGHUP: apply the config file's new mappings, poll intervals and logging.
+
+        A config that does not load or compile is rejected with the reason and the
+        running one kept. Changes elsewhere are named in ``reload_needs_restart``.
+        """
+        if self.config_path is None:
+            log.warning("reload_ignored", reason="no config file (demo or test run)")
+            return
+        try:
+            new = load_config(self.config_path)
+            merged, restart = merge_reloadable(self.config, new)
+            flows = compile_flows(merged)
+        except ConfigError as exc:
+            log.error("reload_rejected", reason=str(exc), kept="the running config")
+            return
+        configure_output(
+            level=merged.logging.level, fmt=merged.logging.format, file=merged.logging.file
+        )
+        for name, mapper in flow_mappers(flows).items():
+            if name in self.mappers:
+                self.mappers[name].current = mapper
+        intervals = poll_intervals(merged)
+        changed = []
+        for stream in self.streams:
+            interval = intervals.get(stream.name, stream.poll_interval)
+            if interval != stream.poll_interval:
+                changed.append(stream.name)
+                stream.poll_interval = interval
+        self.pipeline.intervals_changed()
+        self.config = merged
+        log.info("config_reloaded", intervals_changed=changed, mappings=sorted(merged.mapping))
+        if restart:
+            log.warning("reload_needs_restart", changed=restart)
+
+    def snapshot(self) -> Snapshot:
+        """The levels ``/metrics`` reports, read from the live objects."""
+        down = self.pipeline.health.down_targets()
+        oauth = [p.auth for p in self.locations if isinstance(p.auth, OAuthTokens)]
+        return Snapshot(
+            ready=self.view.ready,
+            outbox=self.pipeline.open_by_target(),
+            cursor_lag=self.view.cursor_lag(),
+            poll_interval={s.name: s.poll_interval for s in self.streams},
+            buckets=self.limiters.states(),
+            location_up={
+                p.config.name: ghl_target_name(p.config.name) not in down for p in self.locations
+            },
+            token_expires_at={a.name: a.expires_at for a in oauth if a.expires_at is not None},
+            token_refreshes={a.name: a.refreshes for a in oauth},
+        )
 
     async def save_budgets(self) -> None:
         now = self.clock.time()
@@ -294,6 +453,8 @@ async def open_app(
     *,
     clock: Clock | None = None,
     backfill: tuple[str, datetime] | None = None,
+    config_path: Path | None = None,
+    notifier: Notifier | None = None,
 ) -> AsyncIterator[App]:
     """Open the state file and build streams and targets for every configured source.
 
@@ -312,6 +473,7 @@ async def open_app(
             " an ActiveDEMAND account needs the conversations stream)",
         )
     flows = compile_flows(config)  # before anything opens: a mistake stops the start
+    mappers = {name: LiveMapper(m) for name, m in flow_mappers(flows).items()}
     for secret in config.secret_values():
         register_secret(secret)
     async with Store.open(config.state.path) as store, make_session() as session:
@@ -343,7 +505,8 @@ async def open_app(
                     auth=auth,
                     clock=clock,
                 )
-                streams.append(reverse_stream(loc, reader, store, config, flows, clock))
+                mapper = mappers[f"reverse:{loc.name}"]
+                streams.append(reverse_stream(loc, reader, store, config, mapper, clock))
         for source in config.sources.action_network:
             an_client = AnClient.from_config(
                 session,
@@ -361,7 +524,7 @@ async def open_app(
                     source,
                     an_client,
                     clock=clock,
-                    mapper=flow,
+                    mapper=mappers[source.name],
                     backfill_since=since,
                     own_fields=flow.own_fields,
                     own_tags=flow.own_tags,
@@ -374,7 +537,7 @@ async def open_app(
                         store,
                         source=source.name,
                         clock=clock,
-                        mapper=flow,
+                        mapper=mappers[source.name],
                         poll_interval=float(source.taggings_interval),
                         own_tags=flow.own_tags,
                     )
@@ -391,7 +554,7 @@ async def open_app(
             )
             if backfill is not None and backfill[0] != ad.name:
                 continue
-            ad_mapper = flows.activedemand[ad.name]
+            ad_mapper = mappers[ad.name]
             # A backfill reads every contact too: the history's conversations need them.
             if "contacts" in ad.streams or backfill is not None:
                 streams.append(
@@ -415,7 +578,17 @@ async def open_app(
             streams=len(streams),
         )
         yield App(
-            config, store, limiters, streams, targets, clock, session=session, locations=locations
+            config,
+            store,
+            limiters,
+            streams,
+            targets,
+            clock,
+            session=session,
+            locations=locations,
+            mappers=mappers,
+            config_path=config_path,
+            notifier=notifier,
         )
 
 
@@ -424,7 +597,7 @@ def reverse_stream(
     client: GhlClient,
     store: Store,
     config: Config,
-    flows: Flows,
+    mapper: Mapper,
     clock: Clock,
 ) -> GhlMessagesStream:
     """The location's reverse stream; ``client`` reads through its share of the budget."""
@@ -437,7 +610,7 @@ def reverse_stream(
         settings=location.reverse,
         own_prefixes=names,
         clock=clock,
-        mapper=flows.reverse[location.name],
+        mapper=mapper,
     )
 
 

@@ -1,10 +1,11 @@
-"""The ``bridge`` command line: run, once, backfill, demo, check, status, summarize, dlq, map,
-auth, sim."""
+"""The ``bridge`` command line: run, once, backfill, demo, check, status, tail, cursor,
+summarize, dlq, map, auth, sim."""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import os
 import sys
 import time
@@ -16,16 +17,20 @@ from typing import Any, TextIO
 import msgspec
 
 from bridge import __version__
-from bridge.app import compile_flows, open_app, stream_names
+from bridge.app import App, compile_flows, open_app, stream_names
+from bridge.checks import live_checks
 from bridge.clock import SystemClock
 from bridge.config import Config, OAuthAuth, load_config
 from bridge.connectors.ghl.auth import OAuthTokens
 from bridge.connectors.ghl.login import login
+from bridge.cursor_cmd import add_cursor_parser, run_cursor
 from bridge.demo import demo
-from bridge.errors import EX_CONFIG, EX_USAGE, ConfigError, Fatal, Retryable
+from bridge.errors import EX_CONFIG, EX_USAGE, ConfigError, Fatal
 from bridge.models import DeadLetter, content_hash
-from bridge.observability.logs import configure_logging
+from bridge.observability.logs import configure_logging, configure_output
+from bridge.observability.tail import add_tail_parser, run_tail
 from bridge.preview import map_preview
+from bridge.progress import ProgressSnapshot, show_progress
 from bridge.redact import redact
 from bridge.rest import make_session
 from bridge.sim.actionnetwork import build_app as build_an_app
@@ -56,7 +61,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     commands.add_parser("run", help="run the daemon until SIGTERM")
-    commands.add_parser("once", help="poll every stream until caught up, deliver everything, exit")
+    once = commands.add_parser(
+        "once", help="poll every stream until caught up, deliver everything, exit"
+    )
+    once.add_argument(
+        "--no-progress", action="store_true", help="no progress display, even on a terminal"
+    )
     demo = commands.add_parser(
         "demo", help="run the daemon against built-in simulators (no config or credentials)"
     )
@@ -69,6 +79,9 @@ def build_parser() -> argparse.ArgumentParser:
         "source", help="source name in the config (Action Network, or ActiveDEMAND conversations)"
     )
     backfill.add_argument("--since", required=True, type=_date, help="YYYY-MM-DD (UTC)")
+    backfill.add_argument(
+        "--no-progress", action="store_true", help="no progress display, even on a terminal"
+    )
     mapping = commands.add_parser("map", help="field mapping tools")
     map_commands = mapping.add_subparsers(dest="map_command", metavar="ACTION", required=True)
     preview = map_commands.add_parser(
@@ -80,7 +93,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--activities", action="store_true", help="also read each person's activities"
     )
     check = commands.add_parser(
-        "check", help="validate the config, then probe every GHL location's token and scopes"
+        "check",
+        help="validate the config, then probe every configured API (auth, scopes, reachability)",
     )
     check.add_argument(
         "--offline", action="store_true", help="only validate the config; make no API calls"
@@ -89,6 +103,8 @@ def build_parser() -> argparse.ArgumentParser:
         "status", help="per GHL location: health, budgets, cursors, outbox, dead letters"
     )
     status.add_argument("--json", action="store_true", help="machine-readable output")
+    add_tail_parser(commands)
+    add_cursor_parser(commands)
     summarize = commands.add_parser(
         "summarize",
         help="print a person's summary note text from the state file (no API calls)",
@@ -179,15 +195,31 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)  # exits 2 with usage on a bad argument
     if args.command == "sim":
         return _run_sim(args)
+    if args.command == "tail":  # reads logs, not the config
+        return run_tail(args, sys.stdin, sys.stdout)
     if args.command == "demo":
         configure_logging(level="info" if args.verbose else "warning", fmt="console")
         return asyncio.run(demo(sys.stdout, people=args.people, verbose=args.verbose))
+    # Absolute now: SIGHUP reads it again, whatever the working directory is by then.
+    args.config = os.path.abspath(args.config)
     try:
         config = load_config(args.config)
     except ConfigError as exc:
         print(f"bridge: config error: {exc}", file=sys.stderr)
         return EX_CONFIG
-    configure_logging(level=config.logging.level, fmt=config.logging.format)
+    level = config.logging.level
+    if _shows_progress(args, sys.stderr) and level in ("debug", "info"):
+        # Info lines would scroll the progress frame away; warnings still show.
+        level = "warning"
+    try:
+        configure_output(level=level, fmt=config.logging.format, file=config.logging.file)
+    except OSError as exc:
+        print(
+            f"bridge: config error: $.logging.file: cannot open {config.logging.file}:"
+            f" {exc.strerror or type(exc).__name__}",
+            file=sys.stderr,
+        )
+        return EX_CONFIG
     try:
         return asyncio.run(_dispatch(args, config, sys.stdout))
     except ConfigError as exc:
@@ -216,10 +248,12 @@ async def _dispatch(args: argparse.Namespace, config: Config, out: TextIO) -> in
         return await map_preview(
             config, args.source, out, limit=args.limit, activities=args.activities
         )
+    if command == "cursor":
+        return await run_cursor(args, config, out, stdin=sys.stdin, err=sys.stderr)
     backfill = (args.source, args.since) if command == "backfill" else None
-    async with open_app(config, backfill=backfill) as app:
+    async with open_app(config, backfill=backfill, config_path=Path(args.config)) as app:
         started = time.time()
-        summary = await app.run(once=command in ("once", "backfill"))
+        summary = await _run_with_progress(app, args)
         if command in ("once", "backfill"):
             out.write(_summary_text(summary) + "\n")
             if summary.dead_lettered:
@@ -229,6 +263,43 @@ async def _dispatch(args: argparse.Namespace, config: Config, out: TextIO) -> in
                 out.write("see `bridge dlq show ID`; `bridge dlq replay ID` after a fix\n")
                 return EXIT_FAILED
     return 0
+
+
+def _shows_progress(args: argparse.Namespace, err: TextIO) -> bool:
+    """A rich progress display: `once` and `backfill` on a terminal, unless told not to."""
+    return args.command in ("once", "backfill") and not args.no_progress and err.isatty()
+
+
+async def _run_with_progress(app: App, args: argparse.Namespace) -> Any:
+    """Run; `once` and `backfill` show progress (a live frame on a TTY, log lines otherwise)."""
+    once = args.command in ("once", "backfill")
+    if not once or args.no_progress:
+        return await app.run(once=once)
+    pipeline = app.pipeline
+    ghl = [b for b in app.limiters.states() if b.api == "ghl"]
+    budget = sum(b.capacity / b.window for b in ghl)
+
+    def snapshot() -> ProgressSnapshot:
+        s = pipeline.summary
+        return ProgressSnapshot(
+            records_read=s.events_read,
+            ops_sent=s.ops_sent + s.ops_unchanged,
+            ops_open=pipeline.open_ops,
+            dead_lettered=s.dead_lettered,
+            budget_per_second=budget,
+            streams_done=len(pipeline.caught_up),
+            streams_total=len(app.streams),
+        )
+
+    progress = asyncio.create_task(
+        show_progress(snapshot, out=sys.stderr, tty=sys.stderr.isatty()), name="progress"
+    )
+    try:
+        return await app.run(once=True)
+    finally:
+        progress.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await progress
 
 
 async def _check(config: Config, out: TextIO, *, offline: bool) -> int:
@@ -241,21 +312,9 @@ async def _check(config: Config, out: TextIO, *, offline: bool) -> int:
     )
     if offline:
         return 0
-    failed = False
     async with open_app(config) as app:
-        for parts in app.locations:
-            name = parts.config.name
-            try:
-                checks = (await app.check_locations_of([parts]))[name]
-            except (Fatal, Retryable) as exc:
-                out.write(f"GHL {name}: FAILED: {redact(str(exc))}\n")
-                failed = True
-                continue
-            for check in checks:
-                verdict = "OK" if check.ok else f"MISSING: {check.fix}"
-                out.write(f"GHL {name}: {check.scope:<32} {verdict}\n")
-                failed = failed or not check.ok
-    return EXIT_FAILED if failed else 0
+        ok = await live_checks(app, out)
+    return 0 if ok else EXIT_FAILED
 
 
 def _summary_text(summary: Any) -> str:

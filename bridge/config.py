@@ -64,6 +64,15 @@ class LoggingConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_
     level: Literal["debug", "info", "warning", "error"] = "info"
     # "auto" is console on a terminal and JSON lines otherwise (journald).
     format: Literal["auto", "json", "console"] = "auto"
+    # Append to this file instead of stdout ("" = stdout, for journald); SIGHUP reopens it,
+    # so logrotate can move it away. Relative = next to the config file.
+    file: str = ""
+
+
+class HttpConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    # "host:port" of the loopback listener for /healthz, /readyz and /metrics; "" = off.
+    # Loopback only: the endpoints have no authentication.
+    listen: str = ""
 
 
 class PipelineConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
@@ -87,6 +96,10 @@ class PipelineConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw
     # A target or stream found down (revoked token, missing scope) is left alone this long,
     # then one op (or one poll) is let through to see whether it is back.
     target_recheck: Duration = Duration(300.0)
+    # Work under way (an op being sent, a stream being read) with nothing moving for this
+    # long, and no budget paused, counts as stuck: the systemd watchdog is no longer fed,
+    # /healthz says 503, and systemd restarts the daemon.
+    stall_timeout: Duration = Duration(600.0)
 
 
 class GhlLimits(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
@@ -443,6 +456,8 @@ class Config(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=Tr
     logging: LoggingConfig = msgspec.field(default_factory=LoggingConfig)
     # Queue, retry and shutdown tuning.
     pipeline: PipelineConfig = msgspec.field(default_factory=PipelineConfig)
+    # The optional health and metrics listener.
+    http: HttpConfig = msgspec.field(default_factory=HttpConfig)
     # Target locations.
     ghl: GhlConfig = msgspec.field(default_factory=GhlConfig)
     # Systems polled for changes.
@@ -477,6 +492,11 @@ def load_config(path: str | Path, env: Mapping[str, str] | None = None) -> Confi
         config = msgspec.convert(raw, Config, dec_hook=hook)
     except msgspec.ValidationError as exc:
         raise _config_error(str(exc), raw, hook) from None
+    if config.logging.file and not Path(config.logging.file).is_absolute():
+        log_file = str(base_dir / config.logging.file)
+        config = msgspec.structs.replace(
+            config, logging=msgspec.structs.replace(config.logging, file=log_file)
+        )
     state_path = Path(config.state.path)
     # ":memory:" is SQLite's in-memory database, not a file name.
     if config.state.path != ":memory:" and not state_path.is_absolute():
@@ -655,6 +675,8 @@ def _check(config: Config) -> None:
                     known = ", ".join(sorted(TRANSFORMS))
                     reason = f'unknown transform "{transform}" (known: {known})'
                     raise ConfigError(f"{path}[{index}]", reason)
+    if config.http.listen:
+        _check_listen(config.http.listen)
     locations = config.ghl.locations
     _check_unique(
         [(f"$.ghl.locations[{i}].name", x.name) for i, x in enumerate(locations)], "GHL location"
@@ -674,6 +696,28 @@ def _check(config: Config) -> None:
             raise ConfigError(
                 f"{path}.location", f'no GHL location named "{source.location}" (known: {names})'
             )
+
+
+_LOOPBACK = ("127.", "localhost", "[::1]")
+
+
+def listen_address(listen: str) -> tuple[str, int]:
+    """``"127.0.0.1:9464"`` -> ``("127.0.0.1", 9464)``; ``"[::1]:9464"`` -> ``("::1", 9464)``."""
+    host, _, port = listen.rpartition(":")
+    return host.strip("[]"), int(port)
+
+
+def _check_listen(listen: str) -> None:
+    path = "$.http.listen"
+    host, _, port = listen.rpartition(":")
+    if not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ConfigError(path, f'expected "host:port" such as "127.0.0.1:9464", got "{listen}"')
+    if not host.startswith(_LOOPBACK):
+        raise ConfigError(
+            path,
+            f'"{host}" is not a loopback address: the endpoints have no authentication, so'
+            " listen on 127.0.0.1 or [::1] and let a local Prometheus or proxy reach them",
+        )
 
 
 def _check_unique(named: list[tuple[str, str]], what: str) -> None:

@@ -28,7 +28,7 @@ import asyncio
 import contextlib
 import random
 from collections import Counter
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from typing import Protocol
 
 import msgspec
@@ -50,6 +50,7 @@ from bridge.models import (
     SourceEvent,
     decode_event,
 )
+from bridge.observability.metrics import Metrics
 from bridge.rest import backoff_delay
 from bridge.senders import Senders
 from bridge.store import Store
@@ -132,8 +133,13 @@ class Pipeline:
         rng: random.Random | None = None,
         *,
         locations: Mapping[str, str] | None = None,
+        metrics: Metrics | None = None,
+        on_drain: Callable[[int, float], None] | None = None,
     ) -> None:
         self._store = store
+        self.metrics = metrics or Metrics()
+        # Told (ops in flight, grace) when the drain starts: systemd hears STOPPING=1.
+        self._on_drain = on_drain
         self._streams = list(streams)
         self._streams_by_name = {s.name: s for s in streams}
         self._targets = targets
@@ -168,6 +174,16 @@ class Pipeline:
         self._once = False
         self._failure: BaseException | None = None
         self.summary = RunSummary()
+        # For the watchdog, STATUS and metrics: when each stream was last caught up (wall
+        # time; the run's start until then), which are mid-poll, and when anything last
+        # moved (monotonic).
+        started = clock.time()
+        self.caught_up_at = {s.name: started for s in streams}
+        self.polling: set[str] = set()
+        self.caught_up: set[str] = set()  # streams caught up at least once in this run
+        self.last_progress = clock.monotonic()
+        # Set on reload: sleeping producers look at their (new) poll interval again.
+        self._intervals_changed = asyncio.Event()
 
     # -- lifecycle ------------------------------------------------------------------------------
 
@@ -178,6 +194,23 @@ class Pipeline:
     @property
     def open_ops(self) -> int:
         return sum(self._open_by_target.values())
+
+    def open_by_target(self) -> dict[str, int]:
+        return {t: n for t, n in self._open_by_target.items() if n}
+
+    @property
+    def busy(self) -> bool:
+        """Whether work is under way: an op being sent or a stream being read."""
+        return bool(self._senders.deliveries or self.polling)
+
+    def intervals_changed(self) -> None:
+        """Poll intervals were reloaded: sleeping producers wait by the new ones."""
+        # A fresh event for the next reload; the set one wakes everyone sleeping on it.
+        woken, self._intervals_changed = self._intervals_changed, asyncio.Event()
+        woken.set()
+
+    def _progressed(self) -> None:
+        self.last_progress = self._clock.monotonic()
 
     async def run(self, *, once: bool = False) -> RunSummary:
         """Run until stopped (or, with ``once``, until every stream is caught up and drained).
@@ -245,6 +278,8 @@ class Pipeline:
     async def _shutdown(self, producers: list[asyncio.Task[None]]) -> None:
         in_flight = len(self._senders.deliveries)
         log.info("shutdown_started", in_flight=in_flight, open_ops=self.open_ops)
+        if self._on_drain is not None:
+            self._on_drain(in_flight, float(self._settings.drain_grace))
         intake = [*producers, *([self._dispatching] if self._dispatching else [])]
         for task in intake:
             task.cancel()
@@ -264,7 +299,12 @@ class Pipeline:
         with structlog.contextvars.bound_contextvars(stream=stream.name):
             while not self._stop.is_set():
                 try:
-                    await self._poll(stream)
+                    self.polling.add(stream.name)
+                    try:
+                        await self._poll(stream)
+                    finally:
+                        self.polling.discard(stream.name)
+                        self._progressed()
                     attempt = 0
                 except Retryable as exc:
                     delay = backoff_delay(
@@ -287,14 +327,31 @@ class Pipeline:
                     await self._sleep_unless_stopped(self.health.recheck)
                     continue
                 await self.health.stream_ok(stream.name)
+                self.caught_up_at[stream.name] = self._clock.time()
+                self.caught_up.add(stream.name)
                 if once:
                     log.info("stream_caught_up")
                     return
-                await self._sleep_unless_stopped(stream.poll_interval)
+                await self._wait_for_next_poll(stream)
 
     async def _sleep_unless_stopped(self, seconds: float) -> None:
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._stop.wait(), seconds)
+
+    async def _wait_for_next_poll(self, stream: Stream) -> None:
+        """Sleep out the poll interval, as it is now: a reload may shorten or lengthen it."""
+        start = self._clock.monotonic()
+        while not self._stop.is_set():
+            left = start + stream.poll_interval - self._clock.monotonic()
+            if left <= 0:
+                return
+            changed = asyncio.ensure_future(self._intervals_changed.wait())
+            stop = asyncio.ensure_future(self._stop.wait())
+            try:
+                await asyncio.wait({changed, stop}, timeout=left, return_when="FIRST_COMPLETED")
+            finally:
+                changed.cancel()
+                stop.cancel()
 
     async def _poll(self, stream: Stream) -> None:
         cursor = await self._store.get_cursor(stream.name)
@@ -304,6 +361,10 @@ class Pipeline:
             now = self._clock.time()
             await self._store.commit_page(stream.name, page.cursor, ops, rejections, now=now)
             self._opened(stream.name, ops)
+            self._progressed()
+            self.metrics.records_read.labels(stream.name).inc(len(page.events))
+            if rejections:
+                self.metrics.dead_lettered.labels(stream.name).inc(len(rejections))
             self.summary.ops_written += len(ops)
             self.summary.dead_lettered += len(rejections)
             for rejection in rejections:
@@ -384,6 +445,7 @@ class Pipeline:
                 # person whose tags changed re-queues an identical contact upsert.
                 await self._store.complete(op, OpResult(), now=self._clock.time())
                 self._completed(op)
+                self.metrics.ops_sent.labels(op.stream, op.target).inc()
                 self.summary.ops_unchanged += 1
                 log.debug("op_unchanged")
                 return
@@ -402,6 +464,7 @@ class Pipeline:
 
     async def _call(self, target: Target, op: Op) -> None:
         """Send (or reconcile) one op and record the outcome; only ``Fatal`` escapes."""
+        started = self._clock.monotonic()
         try:
             result = await target.reconcile(op) if op.in_doubt else None
             if op.in_doubt:
@@ -432,8 +495,10 @@ class Pipeline:
             log.exception("op_failed_unexpectedly")
             await self._retry(op, f"unexpected error: {exc!r}", None, in_doubt=True)
         else:
+            self.metrics.op_latency.labels(op.target).observe(self._clock.monotonic() - started)
             await self._store.complete(op, result, now=self._clock.time())
             self._completed(op)
+            self.metrics.ops_sent.labels(op.stream, op.target).inc()
             self.summary.ops_sent += 1
             log.info("op_sent", attempts=op.attempts + 1)
 
@@ -480,6 +545,8 @@ class Pipeline:
             counted=counted,
         )
         self.summary.ops_retried += 1
+        self.metrics.ops_retried.labels(op.target).inc()
+        self._progressed()
         log.warning(
             "op_retry_scheduled",
             attempt=op.attempts + 1,
@@ -491,10 +558,12 @@ class Pipeline:
     async def _dead_letter(self, op: Op, reason: str) -> None:
         await self._store.dead_letter_op(op, reason, now=self._clock.time())
         self._completed(op)
+        self.metrics.dead_lettered.labels(op.stream).inc()
         self.summary.dead_lettered += 1
         log.warning("op_dead_lettered", reason=reason, source_key=op.source_key)
 
     def _completed(self, op: Op) -> None:
+        self._progressed()
         self._open_by_stream[op.stream] -= 1
         self._open_by_target[op.target] -= 1
         self._room.set()  # producers waiting below the high-water mark look again

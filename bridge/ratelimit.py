@@ -28,6 +28,8 @@ class BucketState(msgspec.Struct, frozen=True):
     paused_until: float | None
     used_today: int
     daily_cap: int | None
+    # 429s seen on this bucket since the start (for metrics; a share counts on its parent).
+    throttled: int = 0
 
 
 class TokenBucket:
@@ -69,6 +71,7 @@ class TokenBucket:
         self._in_flight = 0
         self._released = asyncio.Event()
         self._paused_until: float | None = None
+        self._throttled = 0
         self._day = self._utc_day()
         self._used_today = 0
         # asyncio.Lock hands itself over in FIFO order and does not let a newcomer barge
@@ -141,6 +144,11 @@ class TokenBucket:
         if self._paused_until is None or t > self._paused_until:
             self._paused_until = t
 
+    def throttle(self, t: float) -> None:
+        """A 429: count it and grant nothing before monotonic time ``t``."""
+        self._throttled += 1
+        self.pause_until(t)
+
     def state(self) -> BucketState:
         now = self._clock.monotonic()
         self._prune(now)
@@ -155,6 +163,7 @@ class TokenBucket:
             paused_until=paused if paused is not None and paused > now else None,
             used_today=self._used_today,
             daily_cap=self._daily_cap,
+            throttled=self._throttled,
         )
 
     def _wait(self, now: float) -> float | None:
@@ -229,6 +238,9 @@ class ShareOf(TokenBucket):
 
     def pause_until(self, t: float) -> None:
         self._parent.pause_until(t)
+
+    def throttle(self, t: float) -> None:
+        self._parent.throttle(t)
 
 
 class Limiters:

@@ -256,7 +256,7 @@ def pause_on_429(
 ) -> None:
     """After a 429, hold that bucket alone for Retry-After (or DEFAULT_429_PAUSE)."""
     if status == 429 and bucket is not None and isinstance(error, Retryable):
-        bucket.pause_until(clock.monotonic() + (error.retry_after or DEFAULT_429_PAUSE))
+        bucket.throttle(clock.monotonic() + (error.retry_after or DEFAULT_429_PAUSE))
 
 
 T = TypeVar("T")

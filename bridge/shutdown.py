@@ -1,11 +1,11 @@
-"""SIGTERM and SIGINT as the first phase of a two-phase shutdown."""
+"""SIGTERM and SIGINT as the first phase of a two-phase shutdown; SIGHUP as a reload."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import signal
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Protocol
 
 import structlog
@@ -45,3 +45,22 @@ def install_stop_signals(target: Stoppable) -> Iterator[None]:
     finally:
         for signum in STOP_SIGNALS:
             loop.remove_signal_handler(signum)
+
+
+@contextlib.contextmanager
+def install_reload_signal(reload: Callable[[], None]) -> Iterator[None]:
+    """While inside, SIGHUP calls ``reload`` (systemctl reload sends it via ExecReload).
+
+    Without this, SIGHUP would end the process: its default action is to terminate.
+    """
+    loop = asyncio.get_running_loop()
+
+    def on_signal() -> None:
+        log.info("reload_requested", signal="SIGHUP")
+        reload()
+
+    loop.add_signal_handler(signal.SIGHUP, on_signal)
+    try:
+        yield
+    finally:
+        loop.remove_signal_handler(signal.SIGHUP)

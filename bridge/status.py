@@ -17,9 +17,16 @@ from typing import Literal, TextIO
 
 import msgspec
 
-from bridge.app import ad_target_name, an_target_name, ghl_target_name, stream_names
-from bridge.config import ActionNetworkSource, ActiveDemandSource, Config
+from bridge.app import (
+    ad_target_name,
+    an_target_name,
+    ghl_target_name,
+    poll_intervals,
+    stream_names,
+)
+from bridge.config import ActionNetworkSource, ActiveDemandSource, Config, OAuthAuth
 from bridge.models import BudgetRow, CursorRow
+from bridge.observability.service import BEHIND_SLACK
 from bridge.store import DeadLetterGroup, HealthRow, Store
 
 _STATES = ("pending", "in_doubt", "in_flight", "done")
@@ -40,6 +47,19 @@ class StreamReport(msgspec.Struct, frozen=True, kw_only=True):
     cursor: str | None
     cursor_age_seconds: float | None
     health: Health
+    poll_interval: float | None = None
+    # Its cursor has not moved for two poll intervals and a bit: the daemon is not
+    # keeping up (or not running).
+    behind: bool = False
+
+
+class Token(msgspec.Struct, frozen=True, kw_only=True):
+    """The location's credential: a private token, or OAuth with the stored pair's expiry."""
+
+    kind: Literal["private", "oauth"]
+    stored: bool = True
+    expires_at: float | None = None
+    refreshed_at: float | None = None
 
 
 class TargetReport(msgspec.Struct, frozen=True, kw_only=True):
@@ -58,6 +78,7 @@ class Group(msgspec.Struct, kw_only=True):
 
     location: str | None
     health: Health = msgspec.field(default_factory=Health)
+    token: Token | None = None
     budgets: list[BudgetRow] = msgspec.field(default_factory=list)
     streams: list[StreamReport] = msgspec.field(default_factory=list)
     targets: list[TargetReport] = msgspec.field(default_factory=list)
@@ -134,9 +155,14 @@ async def _collect(config: Config, store: Store, *, now: float) -> Report:
         return groups[location] if location is not None and location in groups else other
 
     cursors = {c.stream: c for c in await store.cursors()}
+    intervals = poll_intervals(config)
     for name in sorted(set(stream_names(config)) | set(cursors)):
         group(owners.of_stream(name)).streams.append(
-            _stream(name, cursors.get(name), health.get(("stream", name)), now)
+            _stream(name, cursors.get(name), health.get(("stream", name)), intervals.get(name), now)
+        )
+    for loc in config.ghl.locations:
+        groups[loc.name].token = await _token(
+            store, loc.name, oauth=isinstance(loc.auth, OAuthAuth)
         )
     by_target = await store.outbox_counts_by_target()
     # The GHL target first: a location's write-backs come after what it receives.
@@ -171,14 +197,30 @@ async def _collect(config: Config, store: Store, *, now: float) -> Report:
 
 
 def _stream(
-    name: str, cursor: CursorRow | None, down: HealthRow | None, now: float
+    name: str,
+    cursor: CursorRow | None,
+    down: HealthRow | None,
+    interval: float | None,
+    now: float,
 ) -> StreamReport:
+    age = now - cursor.updated_at if cursor is not None else None
     return StreamReport(
         stream=name,
         cursor=cursor.value if cursor is not None else None,
-        cursor_age_seconds=now - cursor.updated_at if cursor is not None else None,
+        cursor_age_seconds=age,
         health=_health(down),
+        poll_interval=interval,
+        behind=age is not None and interval is not None and age > 2 * interval + BEHIND_SLACK,
     )
+
+
+async def _token(store: Store, location: str, *, oauth: bool) -> Token:
+    if not oauth:
+        return Token(kind="private")
+    row = await store.load_token(location)
+    if row is None:
+        return Token(kind="oauth", stored=False)
+    return Token(kind="oauth", expires_at=row.expires_at, refreshed_at=row.updated_at)
 
 
 def _ghl_first(target: str) -> tuple[bool, str]:
@@ -221,6 +263,8 @@ def render(report: Report, *, now: float) -> str:
 
 def _block(title: str, g: Group, now: float) -> list[str]:
     lines = [title]
+    if g.token is not None:
+        lines += _rows("token", [_token_line(g.token, now)])
     lines += _rows("budgets", [_budget(b, now) for b in g.budgets] or ["none reported yet"])
     lines += _rows("streams", [_stream_line(s, now) for s in g.streams] or ["none"])
     lines += _rows("outbox", [_target_line(t, g.health, now) for t in g.targets] or ["empty"])
@@ -249,7 +293,23 @@ def _stream_line(s: StreamReport, now: float) -> str:
         line = f"{s.stream:<32} never polled"
     else:
         line = f"{s.stream:<32} cursor {s.cursor:<28} moved {_age(s.cursor_age_seconds)} ago"
+        if s.behind and s.poll_interval is not None:
+            line += f" — BEHIND (polls every {_age(s.poll_interval)})"
     return line if s.health.state == "ok" else f"{line}; {_verdict(s.health, now)}"
+
+
+def _token_line(token: Token, now: float) -> str:
+    if token.kind == "private":
+        return "private integration token (does not expire; GHL rejects it once revoked)"
+    if not token.stored or token.expires_at is None:
+        return "OAuth: none stored yet; run `bridge auth login --location <name>`"
+    when = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(token.expires_at))
+    left = token.expires_at - now
+    state = f"in {_age(left)}" if left > 0 else f"{_age(-left)} ago (refreshed on next use)"
+    refreshed = (
+        "" if token.refreshed_at is None else f", stored {_age(now - token.refreshed_at)} ago"
+    )
+    return f"OAuth access token expires {when}Z, {state}{refreshed}"
 
 
 def _target_line(t: TargetReport, location: Health, now: float) -> str:

@@ -204,6 +204,8 @@ def test_status_reports_outbox_dead_letters_and_budgets(
             "cursor": "c1",
             "cursor_age_seconds": other["streams"][0]["cursor_age_seconds"],
             "health": {"state": "ok", "error": None, "since": None, "checked_at": None},
+            "poll_interval": None,  # a stream no longer configured
+            "behind": False,
         }
     ]
     assert other["dead_letters"] == {"total": 1, "by_reason": {"no email": 1}}

@@ -10,6 +10,7 @@ secret on purpose: :func:`redaction_processor` is the safety net, not the plan.
 from __future__ import annotations
 
 import logging
+import os
 import sys
 from collections.abc import Sequence
 from contextlib import AbstractContextManager
@@ -25,6 +26,7 @@ __all__ = [
     "bind",
     "bound",
     "configure_logging",
+    "configure_output",
     "get_logger",
     "redaction_processor",
     "unbind",
@@ -144,6 +146,31 @@ def _route_stdlib(
     root.addHandler(handler)
     root.setLevel(level)
     _stdlib_handler = handler
+
+
+# The log file configure_output opened last, closed when a reload replaces it.
+_log_file: TextIO | None = None
+
+
+def configure_output(*, level: str, fmt: str, file: str = "") -> None:
+    """Configure logging to stdout, or to ``file`` (appended; opened afresh on each call).
+
+    Called again on SIGHUP: a file that logrotate moved away is closed and a new one
+    opened at the configured path, so nothing is written into the rotated file for long.
+    """
+    global _log_file
+    previous = _log_file
+    if file:
+        # Owner-only like the state file: lines carry people's e-mail addresses.
+        fd = os.open(file, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+        # Line-buffered: each event is one write, and a crash loses none of them.
+        _log_file = os.fdopen(fd, "a", encoding="utf-8", buffering=1)
+        configure_logging(level=level, fmt=fmt, stream=_log_file)
+    else:
+        _log_file = None
+        configure_logging(level=level, fmt=fmt)
+    if previous is not None:
+        previous.close()
 
 
 def get_logger(name: str | None = None) -> FilteringBoundLogger:

@@ -111,6 +111,11 @@ class OAuthTokens:
     def name(self) -> str:
         return self._location.name
 
+    @property
+    def expires_at(self) -> float | None:
+        """Wall time the access token in use expires (None before the first load)."""
+        return None if self._current is None else self._current.expires_at
+
     async def token(self) -> str:
         current = self._current or await self._load()
         if current.expires_at - self._margin > self._clock.time():
