@@ -51,9 +51,7 @@ def _json(body: object, status: int) -> web.Response:
 
 
 @contextlib.asynccontextmanager
-async def serve(
-    view: ServiceView, metrics: Metrics, *, host: str, port: int
-) -> AsyncIterator[int]:
+async def serve(view: ServiceView, metrics: Metrics, *, host: str, port: int) -> AsyncIterator[int]:
     """Listen on ``host:port`` for the block's duration; yields the bound port."""
     runner = web.AppRunner(build_app(view, metrics), access_log=None, handle_signals=False)
     await runner.setup()
