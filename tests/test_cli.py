@@ -358,3 +358,58 @@ def test_start_fails_when_every_location_is_bad(
     assert main(["--config", str(config), "once"]) == 1
     err = capsys.readouterr().err
     assert "bridge: fatal: GHL location 'main': the private integration token was rejected" in err
+
+
+def test_once_logs_its_progress_off_a_terminal(
+    tmp_path: Path, ghl_sim: SimProcess, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Off a TTY `once` logs a final `progress` event; --no-progress leaves it out."""
+    config = str(write_config(tmp_path, ghl_sim))
+    assert main(["--config", config, "once"]) == 0
+    events = [json.loads(line) for line in capsys.readouterr().out.splitlines() if "{" in line]
+    (final,) = [e for e in events if e["event"] == "progress"]
+    assert final["final"] is True
+    assert final["ops_open"] == 0
+    assert main(["--config", config, "once", "--no-progress"]) == 0
+    assert '"progress"' not in capsys.readouterr().out
+
+
+def test_status_shows_the_token_kind_and_streams_behind(
+    tmp_path: Path, ghl_sim: SimProcess, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`status` says what credential each location uses."""
+    config = str(write_config(tmp_path, ghl_sim))
+    assert main(["--config", config, "once"]) == 0
+    capsys.readouterr()
+    assert main(["--config", config, "status"]) == 0
+    out = capsys.readouterr().out
+    assert "token    private integration token" in out
+    assert main(["--config", config, "status", "--json"]) == 0
+    (location,) = json.loads(capsys.readouterr().out)["locations"]
+    assert location["token"]["kind"] == "private"
+
+
+def test_tail_runs_without_a_config(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`bridge tail FILE` needs no config file and prints the filtered lines readably."""
+    log = tmp_path / "bridge.log"
+    log.write_text(
+        '{"ts":"2026-11-21T10:00:00.000Z","level":"info","event":"op_sent","stream":"a"}\n'
+        '{"ts":"2026-11-21T10:00:01.000Z","level":"warning","event":"op_retry_scheduled"}\n'
+    )
+    monkeypatch.setenv("BRIDGE_CONFIG", str(tmp_path / "missing.toml"))
+    assert main(["tail", str(log), "--level", "warning", "--color", "never"]) == 0
+    out = capsys.readouterr().out
+    assert "op_retry_scheduled" in out
+    assert "op_sent" not in out
+
+
+def test_cursor_is_wired_and_names_unknown_streams(
+    tmp_path: Path, ghl_sim: SimProcess, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`cursor get` lists the cursors; an unknown stream is a usage error naming it."""
+    config = str(write_config(tmp_path, ghl_sim))
+    assert main(["--config", config, "cursor", "get"]) == 0
+    assert main(["--config", config, "cursor", "reset", "nope.people"]) == EX_USAGE
+    assert "nope.people" in capsys.readouterr().err

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import random
+import re
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -22,7 +23,7 @@ from bridge.observability.logs import configure_output, get_logger
 from bridge.observability.metrics import Metrics, Snapshot
 from bridge.observability.service import ServiceView
 from bridge.pipeline import Pipeline
-from bridge.ratelimit import Limiters
+from bridge.ratelimit import BucketState, Limiters
 from bridge.reload import merge_reloadable
 from bridge.store import Store
 from tests.fakes import FakeStream, FakeTarget, Record, settings
@@ -275,3 +276,31 @@ def test_log_file_is_reopened_at_its_path(tmp_path: Path) -> None:
     assert '"second"' in path.read_text()
     assert '"first"' not in path.read_text()
     assert path.stat().st_mode & 0o777 == 0o600
+
+
+def test_every_series_the_alert_rules_use_is_exported() -> None:
+    """systemd/bridge-alerts.yml names only series the daemon really exports."""
+    rules = Path(__file__).parent.parent / "systemd" / "bridge-alerts.yml"
+    used = set(re.findall(r"\bbridge_[a-z_]+", rules.read_text(encoding="utf-8")))
+    metrics = Metrics()
+    bucket = BucketState("ghl", "main", 100, 10.0, 90, None, 5, 200_000, 1)
+    metrics.watch(
+        lambda: Snapshot(
+            ready=True,
+            outbox={"ghl:main": 1},
+            cursor_lag={"an.people": 1.0},
+            poll_interval={"an.people": 60.0},
+            buckets=[bucket],
+            location_up={"main": True},
+            token_expires_at={"main": 1.8e9},
+            token_refreshes={"main": 0},
+        )
+    )
+    metrics.dead_lettered.labels("an.people").inc()
+    exported = {
+        sample.name
+        for family in text_string_to_metric_families(metrics.render().decode())
+        for sample in family.samples
+    }
+    assert used
+    assert used <= exported, used - exported

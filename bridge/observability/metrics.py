@@ -168,6 +168,9 @@ def _bucket_series(buckets: Iterable[BucketState]) -> Iterable[Metric]:
     used = GaugeMetricFamily(
         "bridge_bucket_used_today", "Requests spent this UTC day.", labels=labels
     )
+    daily = GaugeMetricFamily(
+        "bridge_bucket_daily_cap", "Requests allowed per UTC day, where capped.", labels=labels
+    )
     throttled = CounterMetricFamily(
         "bridge_rate_limited", "429 replies received, by budget.", labels=labels
     )
@@ -177,6 +180,8 @@ def _bucket_series(buckets: Iterable[BucketState]) -> Iterable[Metric]:
         capacity.add_metric(key, b.capacity)
         paused.add_metric(key, 0 if b.paused_until is None else 1)
         used.add_metric(key, b.used_today)
+        if b.daily_cap is not None:
+            daily.add_metric(key, b.daily_cap)
         if not b.tenant.endswith("/share"):  # a share's 429s are counted on its parent
             throttled.add_metric(key, b.throttled)
-    yield from (tokens, capacity, paused, used, throttled)
+    yield from (tokens, capacity, paused, used, daily, throttled)
