@@ -14,8 +14,10 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from structlog.testing import capture_logs
 
+from bridge.app import open_app, poll_intervals
 from bridge.clock import SystemClock
 from bridge.config import Config, Duration, load_config
+from bridge.demo import sim_world
 from bridge.errors import AuthError, ConfigError
 from bridge.models import NewOp, Op
 from bridge.observability.http import serve
@@ -304,3 +306,14 @@ def test_every_series_the_alert_rules_use_is_exported() -> None:
     }
     assert used
     assert used <= exported, used - exported
+
+
+async def test_poll_intervals_agree_with_the_streams_built(tmp_path: Path) -> None:
+    """What SIGHUP sets as each stream's interval is what open_app gave it at start."""
+    async with sim_world(tmp_path) as world:
+        config = load_config(world.config_path)
+        async with open_app(config) as app:
+            built = {s.name: s.poll_interval for s in app.streams}
+    intervals = poll_intervals(config)
+    assert len(built) == 5
+    assert {name: intervals[name] for name in built} == built
