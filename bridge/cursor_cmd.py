@@ -39,6 +39,7 @@ from bridge.config import Config, GhlLocation
 from bridge.connectors.ghl.reverse import ReverseCursor
 from bridge.errors import EX_USAGE
 from bridge.models import CursorRow
+from bridge.status import age
 from bridge.store import Store
 from bridge.streams import format_utc
 
@@ -389,12 +390,4 @@ def _unknown(
 
 def _written(at: float, now: float) -> str:
     stamp = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(at))
-    return f"{stamp}Z ({_age(now - at)} ago)"
-
-
-def _age(seconds: float) -> str:
-    seconds = max(0.0, seconds)
-    for unit, size in (("d", 86_400), ("h", 3_600), ("m", 60)):
-        if seconds >= size:
-            return f"{seconds / size:.1f}{unit}"
-    return f"{seconds:.0f}s"
+    return f"{stamp}Z ({age(now - at)} ago)"

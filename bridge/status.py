@@ -285,16 +285,16 @@ def _verdict(health: Health, now: float) -> str:
         return "ok"
     since = health.since or now
     when = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(since))
-    return f"DOWN since {when}Z ({_age(now - since)} ago): {health.error}"
+    return f"DOWN since {when}Z ({age(now - since)} ago): {health.error}"
 
 
 def _stream_line(s: StreamReport, now: float) -> str:
     if s.cursor is None or s.cursor_age_seconds is None:
         line = f"{s.stream:<32} never polled"
     else:
-        line = f"{s.stream:<32} cursor {s.cursor:<28} moved {_age(s.cursor_age_seconds)} ago"
+        line = f"{s.stream:<32} cursor {s.cursor:<28} moved {age(s.cursor_age_seconds)} ago"
         if s.behind and s.poll_interval is not None:
-            line += f" — BEHIND (polls every {_age(s.poll_interval)})"
+            line += f" — BEHIND (polls every {age(s.poll_interval)})"
     return line if s.health.state == "ok" else f"{line}; {_verdict(s.health, now)}"
 
 
@@ -305,9 +305,9 @@ def _token_line(token: Token, now: float) -> str:
         return "OAuth: none stored yet; run `bridge auth login --location <name>`"
     when = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(token.expires_at))
     left = token.expires_at - now
-    state = f"in {_age(left)}" if left > 0 else f"{_age(-left)} ago (refreshed on next use)"
+    state = f"in {age(left)}" if left > 0 else f"{age(-left)} ago (refreshed on next use)"
     refreshed = (
-        "" if token.refreshed_at is None else f", stored {_age(now - token.refreshed_at)} ago"
+        "" if token.refreshed_at is None else f", stored {age(now - token.refreshed_at)} ago"
     )
     return f"OAuth access token expires {when}Z, {state}{refreshed}"
 
@@ -330,7 +330,7 @@ def _budget(b: BudgetRow, now: float) -> str:
     )
     return (
         f"{b.api + '/' + b.tenant:<32} {b.available}/{b.capacity} free per {b.window:g}s,"
-        f" today {daily}{paused}, reported {_age(now - b.updated_at)} ago"
+        f" today {daily}{paused}, reported {age(now - b.updated_at)} ago"
     )
 
 
@@ -338,7 +338,8 @@ def _counts(counts: dict[str, int]) -> str:
     return " · ".join(f"{state.replace('_', ' ')} {n}" for state, n in counts.items())
 
 
-def _age(seconds: float) -> str:
+def age(seconds: float) -> str:
+    """A short human duration: ``42s``, ``3.5m``, ``1.2h``, ``2.0d``."""
     seconds = max(0.0, seconds)
     for unit, size in (("d", 86_400), ("h", 3_600), ("m", 60)):
         if seconds >= size:

@@ -3,16 +3,19 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from typing import Protocol
 
 import aiohttp
 import pytest
+import structlog
 
 from bridge.connectors.ghl.client import GhlClient, TokenSource
 from bridge.ratelimit import TokenBucket
+from bridge.redact import clear_secrets
 from bridge.rest import make_session
 from bridge.sim.common import serve
 from bridge.sim.ghl import GhlSim, build_app
@@ -132,3 +135,16 @@ def make_ghl_client(
 @pytest.fixture
 def ghl_client(make_ghl_client: MakeGhlClient) -> GhlClient:
     return make_ghl_client()
+
+
+@pytest.fixture
+def restore_logging() -> Iterator[None]:
+    """Put structlog, stdlib logging and the secret registry back as they were."""
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    yield
+    structlog.reset_defaults()
+    structlog.contextvars.clear_contextvars()
+    clear_secrets()
+    root.handlers[:] = handlers
+    root.setLevel(level)

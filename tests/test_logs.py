@@ -6,7 +6,7 @@ import io
 import json
 import logging
 import string
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -41,17 +41,8 @@ PIT = "pit-0b5c1a2e-7d3f-4c8a-9e6b-2f1d0a9c8b7e"
 FilteringLogger = structlog.typing.FilteringBoundLogger
 
 
-@pytest.fixture(autouse=True)
-def _restore_logging() -> Iterator[None]:
-    """Put structlog, stdlib logging and the secret registry back as they were."""
-    root = logging.getLogger()
-    handlers, level = list(root.handlers), root.level
-    yield
-    structlog.reset_defaults()
-    structlog.contextvars.clear_contextvars()
-    clear_secrets()
-    root.handlers[:] = handlers
-    root.setLevel(level)
+# Logging is configured per test; put it (and the secret registry) back afterwards.
+pytestmark = pytest.mark.usefixtures("restore_logging")
 
 
 def _json_lines(stream: io.StringIO) -> list[dict[str, Any]]:

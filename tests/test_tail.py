@@ -5,14 +5,12 @@ from __future__ import annotations
 import argparse
 import io
 import json
-import logging
 import re
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
-import structlog
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -27,7 +25,6 @@ from bridge.observability.tail import (
     render,
     run_tail,
 )
-from bridge.redact import clear_secrets
 
 TRACEBACK = "Traceback (most recent call last):"
 # What `journalctl -u bridge -o short` prints: a prefix, then the daemon's JSON.
@@ -54,17 +51,8 @@ class Terminal(io.StringIO):
         return True
 
 
-@pytest.fixture(autouse=True)
-def _restore_logging() -> Iterator[None]:
-    """Put structlog, stdlib logging and the secret registry back as they were."""
-    root = logging.getLogger()
-    handlers, level = list(root.handlers), root.level
-    yield
-    structlog.reset_defaults()
-    structlog.contextvars.clear_contextvars()
-    clear_secrets()
-    root.handlers[:] = handlers
-    root.setLevel(level)
+# Logging is configured per test; put it (and the secret registry) back afterwards.
+pytestmark = pytest.mark.usefixtures("restore_logging")
 
 
 @pytest.fixture

@@ -103,55 +103,63 @@ class _Levels(Collector):
         if snap is None:
             return
         yield GaugeMetricFamily("bridge_ready", "1 once the daemon is ready.", value=snap.ready)
-        outbox = GaugeMetricFamily(
+        yield _family(
+            GaugeMetricFamily,
             "bridge_outbox_open_ops",
             "Ops pending, in flight or in doubt, by target.",
-            labels=["target"],
+            "target",
+            snap.outbox,
         )
-        for target, count in sorted(snap.outbox.items()):
-            outbox.add_metric([target], count)
-        yield outbox
-        lag = GaugeMetricFamily(
+        yield _family(
+            GaugeMetricFamily,
             "bridge_cursor_lag_seconds",
             "Seconds since the stream was last caught up with its source.",
-            labels=["stream"],
+            "stream",
+            snap.cursor_lag,
         )
-        for stream, seconds in sorted(snap.cursor_lag.items()):
-            lag.add_metric([stream], seconds)
-        yield lag
-        interval = GaugeMetricFamily(
+        yield _family(
+            GaugeMetricFamily,
             "bridge_poll_interval_seconds",
             "Each stream's poll interval (alerts compare the lag with it).",
-            labels=["stream"],
+            "stream",
+            snap.poll_interval,
         )
-        for stream, seconds in sorted(snap.poll_interval.items()):
-            interval.add_metric([stream], seconds)
-        yield interval
         yield from _bucket_series(snap.buckets)
-        up = GaugeMetricFamily(
+        yield _family(
+            GaugeMetricFamily,
             "bridge_location_up",
             "1 while the GHL location is in service, 0 while it is down (auth, scope).",
-            labels=["location"],
+            "location",
+            {location: float(is_up) for location, is_up in snap.location_up.items()},
         )
-        for location, is_up in sorted(snap.location_up.items()):
-            up.add_metric([location], 1 if is_up else 0)
-        yield up
-        expiry = GaugeMetricFamily(
+        yield _family(
+            GaugeMetricFamily,
             "bridge_token_expires_at_seconds",
             "Unix time the OAuth access token in use expires, by location.",
-            labels=["location"],
+            "location",
+            snap.token_expires_at,
         )
-        for location, when in sorted(snap.token_expires_at.items()):
-            expiry.add_metric([location], when)
-        yield expiry
-        refreshes = CounterMetricFamily(
+        yield _family(
+            CounterMetricFamily,
             "bridge_token_refreshes",
             "OAuth token refreshes since the start, by location.",
-            labels=["location"],
+            "location",
+            snap.token_refreshes,
         )
-        for location, count in sorted(snap.token_refreshes.items()):
-            refreshes.add_metric([location], count)
-        yield refreshes
+
+
+def _family(
+    kind: type[GaugeMetricFamily] | type[CounterMetricFamily],
+    name: str,
+    documentation: str,
+    label: str,
+    values: Mapping[str, float],
+) -> Metric:
+    """One series per key of ``values``, labelled ``label``."""
+    family = kind(name, documentation, labels=[label])
+    for key, value in sorted(values.items()):
+        family.add_metric([key], value)
+    return family
 
 
 def _bucket_series(buckets: Iterable[BucketState]) -> Iterable[Metric]:
