@@ -129,6 +129,18 @@ def log_events(path: Path) -> list[dict[str, Any]]:
     return [msgspec.json.decode(line) for line in lines if line.startswith("{")]
 
 
+async def synced_person(world: World, email: str) -> dict[str, Any] | None:
+    """Add a person in Action Network; their GHL contact once the daemon has synced it."""
+    world.an.add_person(world.an_key, given_name="New", email_addresses=[{"address": email}])
+
+    async def contact() -> dict[str, Any] | None:
+        found = [c for c in world.ghl.contacts() if c.get("email") == email]
+        return found[0] if found else None
+
+    found: dict[str, Any] | None = await eventually(contact)
+    return found
+
+
 def samples(text: str) -> dict[str, list[Any]]:
     """Prometheus families by name, each with its samples, as prometheus-client parses them."""
     return {f.name: f.samples for f in text_string_to_metric_families(text)}
@@ -226,19 +238,7 @@ async def test_sighup_reloads_mapping_and_intervals_and_rejects_a_bad_config(
             async with daemon(world, {"NOTIFY_SOCKET": path}) as proc:
                 await wait_for(sock, "READY")
 
-                def contact(email: str) -> dict[str, Any] | None:
-                    found = [c for c in world.ghl.contacts() if c.get("email") == email]
-                    return found[0] if found else None
-
-                async def has(email: str) -> dict[str, Any] | None:
-                    return contact(email)
-
-                world.an.add_person(
-                    world.an_key,
-                    given_name="Before",
-                    email_addresses=[{"address": "before@example.org"}],
-                )
-                before = await eventually(lambda: has("before@example.org"))
+                before = await synced_person(world, "before@example.org")
                 assert before
                 assert before.get("source") == "Action Network"
 
@@ -266,12 +266,7 @@ async def test_sighup_reloads_mapping_and_intervals_and_rejects_a_bad_config(
                 restart = [e for e in log_events(log_file) if e["event"] == "reload_needs_restart"]
                 assert restart
                 assert restart[0]["changed"] == ["$.pipeline.idle_poll"]
-                world.an.add_person(
-                    world.an_key,
-                    given_name="After",
-                    email_addresses=[{"address": "after@example.org"}],
-                )
-                after = await eventually(lambda: has("after@example.org"))
+                after = await synced_person(world, "after@example.org")
                 assert after
                 assert after.get("source") == "Reloaded"
 
@@ -286,12 +281,7 @@ async def test_sighup_reloads_mapping_and_intervals_and_rejects_a_bad_config(
 
                 (bad,) = await eventually(rejected)
                 assert "$.sources.action_network[0].poll_interval" in bad["reason"]
-                world.an.add_person(
-                    world.an_key,
-                    given_name="Still",
-                    email_addresses=[{"address": "still@example.org"}],
-                )
-                still = await eventually(lambda: has("still@example.org"))
+                still = await synced_person(world, "still@example.org")
                 assert still
                 assert still.get("source") == "Reloaded"
                 assert proc.returncode is None
