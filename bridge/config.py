@@ -668,7 +668,9 @@ def _check(config: Config) -> None:
         if isinstance(value, Duration) and value <= 0 and name not in ("overlap", "lookback"):
             raise ConfigError(path, "must be greater than 0")
         if name in _URL_FIELDS and not str(value).startswith(("http://", "https://")):
-            raise ConfigError(path, f'must start with http:// or https://, got "{value}"')
+            # Quoted without its query string: a key pasted into a URL must not reach a log.
+            shown = str(value).split("?")[0]
+            raise ConfigError(path, f'must start with http:// or https://, got "{shown}"')
         if name == "transforms" and isinstance(value, list):
             for index, transform in enumerate(value):
                 if transform not in TRANSFORMS:

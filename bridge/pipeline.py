@@ -99,6 +99,17 @@ class RunSummary(msgspec.Struct, kw_only=True):
     in_doubt_at_start: int = 0
 
 
+MAX_REASON = 500
+"""Characters kept of a dead letter's reason: a 1 MB bad value makes no 1 MB row or log line."""
+
+
+def bounded(reason: str) -> str:
+    """``reason``, cut to ``MAX_REASON`` characters with a note of how much was left out."""
+    if len(reason) <= MAX_REASON:
+        return reason
+    return f"{reason[:MAX_REASON]}… ({len(reason) - MAX_REASON} more characters)"
+
+
 def _hash_last(ops: Sequence[NewOp], event: SourceEvent) -> list[NewOp]:
     """The ops of one event, one of them carrying the event's content hash.
 
@@ -399,7 +410,7 @@ class Pipeline:
             try:
                 event_ops = list(stream.transform(event))
             except Rejected as exc:
-                rejections.append(Rejection(event=event, reason=str(exc)))
+                rejections.append(Rejection(event=event, reason=bounded(str(exc))))
                 continue
             ops.extend(_hash_last(event_ops, event))
         return ops, rejections
@@ -556,6 +567,7 @@ class Pipeline:
         )
 
     async def _dead_letter(self, op: Op, reason: str) -> None:
+        reason = bounded(reason)
         await self._store.dead_letter_op(op, reason, now=self._clock.time())
         self._completed(op)
         self.metrics.dead_lettered.labels(op.stream).inc()

@@ -274,7 +274,8 @@ def decode_body(tp: type[T], response: Response, *, write: bool, where: str) -> 
         decoder = _DECODERS[tp] = msgspec.json.Decoder(tp)
     try:
         return cast(T, decoder.decode(response.body))
-    except msgspec.DecodeError as exc:
+    except (msgspec.DecodeError, UnicodeDecodeError) as exc:
+        # msgspec raises UnicodeDecodeError, not DecodeError, for bytes that are not UTF-8.
         reason = f"{where}: HTTP {response.status} with an unexpected body ({exc})"
         raise (InDoubt(reason) if write else Retryable(reason)) from None
 

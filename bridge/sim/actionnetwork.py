@@ -32,7 +32,7 @@ from bridge.sim.actionnetwork_state import (
     parse_filter,
 )
 from bridge.sim.an_data import seed_group
-from bridge.sim.common import TENANT, add_control_routes, sim_middleware
+from bridge.sim.common import TENANT, add_control_routes, json_response, sim_middleware
 
 __all__ = ["API", "AnSim", "build_app"]
 
@@ -66,9 +66,11 @@ def error_response(status: int, message: str) -> web.Response:
     return web.json_response({"error": message}, status=status)
 
 
-def _hal(body: Mapping[str, Any], status: int = 200) -> web.Response:
+def _hal(body: Any, status: int = 200) -> web.Response:
     # Live answers application/hal+json; a client that insists on application/json fails here.
-    return web.json_response(dict(body), status=status, content_type=HAL)
+    # Anything but a mapping is a test's raw replacement (AnSim.raw), served as it is.
+    shown = dict(body) if isinstance(body, Mapping) else body
+    return json_response(shown, status=status, content_type=HAL)
 
 
 def _base(request: web.Request) -> str:
@@ -205,8 +207,13 @@ def _collection(
     page: int,
     per_page: int,
     total: int | None,
+    shown: list[Any] | None = None,
 ) -> web.Response:
-    """A HAL page: ``next`` on every non-empty page (even the last), none on an empty one."""
+    """A HAL page: ``next`` on every non-empty page (even the last), none on an empty one.
+
+    ``shown`` is what ``_embedded`` holds when a test replaced items (``AnSim.raw``); the
+    links still name the simulator's own items.
+    """
     here = f"{request.scheme}://{request.host}{request.path}"
 
     def link(n: int) -> dict[str, str]:
@@ -223,7 +230,8 @@ def _collection(
     body: dict[str, Any] = {}
     if total is not None:  # absent on /people since 2016 (API_FACTS §4)
         body |= {"total_pages": math.ceil(total / per_page), "total_records": total}
-    body |= {"page": page, "per_page": per_page, "_links": links, "_embedded": {name: items}}
+    embedded = items if shown is None else shown
+    body |= {"page": page, "per_page": per_page, "_links": links, "_embedded": {name: embedded}}
     return _hal(body)
 
 
@@ -302,11 +310,13 @@ async def list_people(sim: AnSim, request: web.Request, g: Group) -> web.StreamR
     people = sim.list_people(g.key, clauses, (page - 1) * per_page, per_page)
     base = _base(request)
     items = [person_json(base, p) for p in people]
-    return _collection(request, "osdi:people", items, page, per_page, None)
+    shown = [sim.raw.served("people", p.id, item) for p, item in zip(people, items, strict=True)]
+    return _collection(request, "osdi:people", items, page, per_page, None, shown)
 
 
 async def get_person(sim: AnSim, request: web.Request, g: Group) -> web.StreamResponse:
-    return _hal(person_json(_base(request), sim.get_person(g.key, request.match_info["id"])))
+    person = sim.get_person(g.key, request.match_info["id"])
+    return _hal(sim.raw.served("people", person.id, person_json(_base(request), person)))
 
 
 async def put_person(sim: AnSim, request: web.Request, g: Group) -> web.StreamResponse:
@@ -337,7 +347,8 @@ def person_records(records: str) -> Op:
         )
         base = _base(request)
         items = [record_json(base, r) for r in found]
-        return _collection(request, f"osdi:{records}", items, page, per_page, total)
+        shown = [sim.raw.served(records, r.id, i) for r, i in zip(found, items, strict=True)]
+        return _collection(request, f"osdi:{records}", items, page, per_page, total, shown)
 
     return handler
 

@@ -17,7 +17,7 @@ from datetime import UTC, datetime
 from operator import itemgetter
 from typing import Any, Protocol, TypeVar
 
-from bridge.sim.common import Clock, Faults, Journal, RollingLimiter
+from bridge.sim.common import Clock, Faults, Journal, RawItems, RollingLimiter
 
 MAX_PER_PAGE = 25
 EMAIL_STATUSES = frozenset({"subscribed", "unsubscribed", "bouncing", "previous bounce"}) | {
@@ -552,6 +552,9 @@ class AnSim:
         # limiter saw them, so ``max_rate_seen`` is what the client really sent.
         self.meter = RollingLimiter(1 << 62, rate_window, clock=clock)
         self.background: dict[str, int] = {"accepted": 0, "applied": 0, "failed": 0}
+        # ("people" or a record collection such as "signatures", id) -> the JSON served in
+        # that item's place, so a test can make the API answer with a malformed record.
+        self.raw = RawItems()
         self.ignored_tag_names: list[str] = []
         self._rng = random.Random(seed)
         self._seq = itertools.count(1)

@@ -31,7 +31,7 @@ from bridge.sim.activedemand_state import (
     parse_time,
 )
 from bridge.sim.ad_data import seed_account
-from bridge.sim.common import TENANT, add_control_routes, sim_middleware
+from bridge.sim.common import TENANT, add_control_routes, json_response, sim_middleware
 
 __all__ = ["API", "FILES", "AdSim", "build_app"]
 
@@ -286,8 +286,11 @@ async def list_contacts(sim: AdSim, request: web.Request, a: Account) -> web.Str
     """A bare array page. Unknown parameters (an ``updated_since``...) are ignored, as an
     API without a change filter would, so a client believing it filters gets everyone."""
     offset, limit = _paging(sim, request)
-    return web.json_response(
-        [contact_json(c, a.fields) for c in sim.list_contacts(a.key, offset, limit)]
+    return json_response(
+        [
+            sim.raw.served("contacts", c.id, contact_json(c, a.fields))
+            for c in sim.list_contacts(a.key, offset, limit)
+        ]
     )
 
 
@@ -311,7 +314,7 @@ async def get_contact(sim: AdSim, request: web.Request, a: Account) -> web.Strea
     partner feed, since Make's "Get a Contact" suggests the plain key reaches it.
     """
     contact = sim.contact(a.key, int(request.match_info["id"]))
-    return web.json_response(contact_json(contact, a.fields))
+    return json_response(sim.raw.served("contacts", contact.id, contact_json(contact, a.fields)))
 
 
 async def contact_fields(sim: AdSim, request: web.Request, a: Account) -> web.StreamResponse:
@@ -333,7 +336,8 @@ async def list_conversations(sim: AdSim, request: web.Request, a: Account) -> we
     raw = request.query.get("updated_since")
     since = parse_time(raw) if raw else None
     found = sim.list_conversations(a.key, updated_since=since, offset=offset, limit=limit)
-    return web.json_response([conversation_json(c) for c in found])
+    shown = [sim.raw.served("conversations", c.id, conversation_json(c)) for c in found]
+    return json_response(shown)
 
 
 async def get_conversation(sim: AdSim, request: web.Request, a: Account) -> web.StreamResponse:
@@ -351,7 +355,7 @@ async def list_messages(sim: AdSim, request: web.Request, a: Account) -> web.Str
         limit=limit,
     )
     base = _base(request)
-    return web.json_response([message_json(base, m) for m in found])
+    return json_response([sim.raw.served("messages", m.id, message_json(base, m)) for m in found])
 
 
 async def get_message(sim: AdSim, request: web.Request, a: Account) -> web.StreamResponse:

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
-from bridge.sim.common import Clock, Faults, Journal, RollingLimiter, random_id
+from bridge.sim.common import Clock, Faults, Journal, RawItems, RollingLimiter, random_id
 from bridge.sim.ghl_state import small_wav
 
 # Field keys of the v1 form-encoded API (API_FACTS §1.3): core fields by name, channels as
@@ -297,6 +297,9 @@ class AdSim:
         # An API that has no paging answers every page alike; the bridge must notice the
         # repeat (API_FACTS §3.2) rather than loop.
         self.ignore_paging = ignore_paging
+        # ("contacts", "conversations" or "messages", id) -> the JSON served in that item's
+        # place, so a test can make a list answer with a malformed record of its own.
+        self.raw = RawItems()
         self._rng = random.Random(seed)
         self._accounts: dict[str, Account] = {}
         self._by_id: dict[str, Account] = {}

@@ -5,12 +5,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import fnmatch
+import json
 import random
 import signal
 import socket
 import string
 import struct
 import time
+import uuid
 from collections import Counter, deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
 from dataclasses import asdict, dataclass, field
@@ -43,7 +45,11 @@ def random_id(rng: random.Random, length: int = 20, alphabet: str = ALNUM) -> st
 
 @dataclass(frozen=True, slots=True)
 class JournalEntry:
-    """One request as the simulator saw it; ``status`` 0 means the connection was reset."""
+    """One request as the simulator saw it; ``status`` 0 means the connection was reset.
+
+    ``ts`` is when the answer went out (or the connection was dropped) and ``started``
+    when the request came in, so overlapping requests can be told apart.
+    """
 
     seq: int
     ts: float
@@ -55,6 +61,7 @@ class JournalEntry:
     tenant: str | None
     body_size: int
     fault: str | None = None
+    started: float | None = None
 
 
 class Journal:
@@ -78,11 +85,22 @@ class Journal:
         tenant: str | None,
         body_size: int,
         fault: str | None = None,
+        started: float | None = None,
     ) -> JournalEntry:
         """Append one entry and update the counters."""
         self._seq += 1
         entry = JournalEntry(
-            self._seq, ts, method, path, route, dict(query), status, tenant, body_size, fault
+            self._seq,
+            ts,
+            method,
+            path,
+            route,
+            dict(query),
+            status,
+            tenant,
+            body_size,
+            fault,
+            started,
         )
         self._entries.append(entry)
         self._by_route[(method, route)] += 1
@@ -155,6 +173,7 @@ class FaultRule:
     runs first, so the write lands and only the response is delayed, replaced or lost:
     the case a client must treat as "in doubt". A delay without ``after`` is a slow server:
     the handler still runs when the delay ends, even if the client has given up by then.
+    ``retry_after`` adds a ``Retry-After`` header (seconds) to an injected status.
     """
 
     route: str = "*"
@@ -165,6 +184,7 @@ class FaultRule:
     reset: bool = False
     after: bool = False
     times: int | None = None
+    retry_after: float | None = None
 
     @property
     def kind(self) -> str:
@@ -197,6 +217,8 @@ def fault_rule_from_json(raw: Mapping[str, Any]) -> FaultRule:
         raise ValueError("a rule needs a status, a delay or reset")
     if rule.status is not None and not 100 <= rule.status <= 599:
         raise ValueError("status must be an HTTP status code")
+    if rule.retry_after is not None and (rule.status is None or rule.retry_after < 0):
+        raise ValueError("retry_after needs a status and must not be negative")
     return rule
 
 
@@ -252,6 +274,70 @@ class Faults:
             self.fired[rule.kind] += 1
             return rule
         return None
+
+
+# --------------------------------------------------------------------------- raw items
+
+
+@dataclass(frozen=True, slots=True)
+class RawJson:
+    """JSON text served byte for byte, for what no encoder writes (invalid UTF-8, bad JSON)."""
+
+    text: bytes
+
+
+class RawItems:
+    """Items a test serves in place of the simulator's own, keyed by (collection, id).
+
+    A value is any JSON-able object, or :class:`RawJson` for bytes no encoder would write.
+    Only what is shown changes: the simulator's own record keeps its place in the
+    collection and its paging, so a malformed record sits exactly where a real one would.
+    Empty (the default), the simulator serves what it always did.
+    """
+
+    def __init__(self) -> None:
+        self._items: dict[tuple[str, str], Any] = {}
+
+    def set(self, collection: str, item_id: object, value: Any) -> None:
+        """Serve ``value`` instead of item ``item_id`` of ``collection`` from now on."""
+        self._items[(collection, str(item_id))] = value
+
+    def clear(self) -> None:
+        """Serve the simulator's own items again."""
+        self._items.clear()
+
+    def served(self, collection: str, item_id: object, body: Any) -> Any:
+        """``body``, or what a test put in its place."""
+        if not self._items:
+            return body
+        return self._items.get((collection, str(item_id)), body)
+
+
+def json_bytes(value: Any) -> bytes:
+    """``value`` as ``json.dumps`` writes it, with each :class:`RawJson` inside spliced in as is."""
+    spliced: dict[str, bytes] = {}
+
+    def default(obj: object) -> str:
+        if not isinstance(obj, RawJson):
+            raise TypeError(f"Object of type {type(obj).__name__} is not JSON serializable")
+        # A fresh random marker cannot collide with text a test or the simulator wrote.
+        mark = f"raw-json-{uuid.uuid4().hex}"
+        spliced[mark] = obj.text
+        return mark
+
+    text = json.dumps(value, default=default).encode()
+    for mark, raw in spliced.items():
+        text = text.replace(f'"{mark}"'.encode(), raw, 1)
+    return text
+
+
+def json_response(
+    value: Any, *, status: int = 200, content_type: str = "application/json"
+) -> web.Response:
+    """What ``web.json_response`` answers (same bytes and headers), but RawJson-aware."""
+    return web.Response(
+        body=json_bytes(value), status=status, content_type=content_type, charset="utf-8"
+    )
 
 
 # --------------------------------------------------------------------------- rate limits
@@ -500,6 +586,7 @@ def sim_middleware(
     async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
         if request.path.startswith(CONTROL_PREFIX):
             return await handler(request)
+        started = clock()
         route = route_template(request)
         rule = faults.pick(request.method, route, request.path)
         status = 500
@@ -523,6 +610,7 @@ def sim_middleware(
                 tenant=request.get(TENANT),
                 body_size=request.content_length or 0,
                 fault=rule.kind if rule is not None else None,
+                started=started,
             )
 
     return middleware
@@ -536,7 +624,10 @@ async def _apply_fault(
     if rule.reset:
         _drop_connection(request)
     if rule.status is not None:
-        return error_body(rule.status, "Injected fault")
+        response = error_body(rule.status, "Injected fault")
+        if rule.retry_after is not None:
+            response.headers["Retry-After"] = f"{rule.retry_after:g}"
+        return response
     return None
 
 

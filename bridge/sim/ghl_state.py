@@ -332,6 +332,7 @@ class GhlSim:
         burst_window: float = 10.0,
         daily_limit: int = 200_000,
         access_token_ttl: int = 86_399,
+        token_expires_in: int | None = None,
         search_lag: float = 0.0,
         status_403_window: float = 10.0,
         upload_limit: int = 5 * 1024 * 1024,
@@ -340,6 +341,10 @@ class GhlSim:
         self.clock = clock
         self.wall = wall
         self.access_token_ttl = access_token_ttl
+        # What ``expires_in`` tells clients (None: the truth). Set above the real lifetime,
+        # tokens die before the client expects, as after a revocation or clock skew, and
+        # only a 401 tells it so.
+        self.token_expires_in = token_expires_in
         self.search_lag = search_lag
         self.status_403_window = status_403_window
         self.upload_limit = upload_limit
@@ -591,7 +596,9 @@ class GhlSim:
         body: dict[str, Any] = {
             "access_token": access,
             "token_type": "Bearer",
-            "expires_in": self.access_token_ttl,
+            "expires_in": (
+                self.access_token_ttl if self.token_expires_in is None else self.token_expires_in
+            ),
             "refresh_token": refresh,
             "scope": " ".join(sorted(grant.scopes)),
             "userType": grant.user_type,
