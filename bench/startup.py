@@ -93,6 +93,11 @@ async def main(args: argparse.Namespace) -> int:
         ["parts, each timed alone (median):", "", "", ""],
         ["  python -c pass (interpreter start)", parts["python"], "", ""],
         ["  python -c 'import bridge.cli' (minus the above)", parts["imports"], "", ""],
+        ["    -X importtime: bridge.cli, cumulative", parts["importtime"], "", ""],
+        ["    of which bridge.demo + bridge.sim.* (the daemon needs neither)",
+         parts["demo_sim"], "", ""],
+        ["    of which bridge.app (aiohttp, structlog, msgspec, connectors)",
+         parts["app"], "", ""],
         ["  Store.open of the state file (in process)", parts["store"], "", ""],
         ["  token + scope check, 1 location (in process)", parts["check"], "", ""],
         [f"state file: {args.rows:,} id_map rows", f"{size / 1e6:.0f} MB",
@@ -191,6 +196,7 @@ async def time_parts(config_path: Path, runs: int) -> dict[str, float]:
             await app.verify_locations()
             check.append(time.perf_counter() - started)
     return {
+        **min((_importtime() for _ in range(runs)), key=lambda t: t["importtime"]),
         "python": statistics.median(python),
         "imports": statistics.median(imports) - statistics.median(python),
         "store": statistics.median(store),
@@ -201,6 +207,31 @@ async def time_parts(config_path: Path, runs: int) -> dict[str, float]:
 def _events(log: Path) -> list[dict[str, Any]]:
     """The JSON log's events so far (a small file: the daemon has only just started)."""
     return [json.loads(line) for line in log.read_text(encoding="utf-8").splitlines()]
+
+
+def _importtime() -> dict[str, float]:
+    """``-X importtime`` of ``bridge.cli``: its cumulative seconds, and two parts of it."""
+    run = subprocess.run(
+        [sys.executable, "-X", "importtime", "-c", "import bridge.cli"],
+        check=True,
+        capture_output=True,
+        text=True,
+    )
+    found = {"importtime": 0.0, "demo_sim": 0.0, "app": 0.0}
+    for line in run.stderr.splitlines():
+        # "import time: <self us> | <cumulative us> | <2 spaces per level><module>"
+        _, cumulative, name = line.split("|")
+        if not cumulative.strip().isdigit():
+            continue  # the header
+        depth, module = len(name) - len(name.lstrip()), name.strip()
+        seconds = int(cumulative) / 1e6
+        if module == "bridge.cli":
+            found["importtime"] = seconds
+        elif depth == 3 and (module == "bridge.demo" or module.startswith("bridge.sim.")):
+            found["demo_sim"] += seconds
+        elif depth == 3 and module == "bridge.app":
+            found["app"] = seconds
+    return found
 
 
 def _wall(command: list[str]) -> float:
