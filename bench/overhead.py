@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import time
+from datetime import datetime
 from pathlib import Path
 
 from common import (
@@ -67,6 +69,7 @@ async def main(args: argparse.Namespace) -> int:
         run = await run_bridge(config, backfill="an")
         wall = time.perf_counter() - started
         sim_cpu = {name: cpu_seconds(pid) - sim_cpu[name] for name, pid in sims.items()}
+        read_for = reading_time(tmp / "bridge.log")
         async with client_session() as session:
             stats = await sim_get(session, f"{ghl['ghl_url']}/_sim/stats")
             an_stats = await sim_get(session, f"{an['an_url']}/_sim/stats")
@@ -84,6 +87,12 @@ async def main(args: argparse.Namespace) -> int:
         ],
         ["requests: AN / GHL", f"{an_stats['total']:,} / {stats['total']:,}", "", ""],
         ["App.run wall time, s", run.wall, f"{wall:.1f} with open", ""],
+        [
+            "  of which reading the source (service_ready -> stream_caught_up)",
+            "-" if read_for is None else f"{read_for:.1f}",
+            "the rest is delivery catching up",
+            "",
+        ],
         ["records per second", rate, f">= {TARGET_RATE:,.0f}", verdict(rate >= TARGET_RATE)],
         [
             "bridge CPU, s (this process)",
@@ -114,6 +123,19 @@ async def main(args: argparse.Namespace) -> int:
     )
     await asyncio.sleep(0)
     return 0 if rate >= TARGET_RATE and records == expected else 1
+
+
+def reading_time(log: Path) -> float | None:
+    """Seconds from ``service_ready`` to ``stream_caught_up`` in the JSON log (info level)."""
+    at: dict[str, float] = {}
+    with log.open(encoding="utf-8") as lines:
+        for line in lines:
+            if '"service_ready"' in line or '"stream_caught_up"' in line:
+                event = json.loads(line)
+                at[event["event"]] = datetime.fromisoformat(event["ts"]).timestamp()
+    if len(at) < 2:
+        return None
+    return at["stream_caught_up"] - at["service_ready"]
 
 
 if __name__ == "__main__":
