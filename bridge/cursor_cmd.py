@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import argparse
 import time
-from datetime import UTC, datetime
+from datetime import datetime
 from pathlib import Path
 from typing import Literal, TextIO
 
@@ -41,7 +41,7 @@ from bridge.errors import EX_USAGE
 from bridge.models import CursorRow
 from bridge.status import age
 from bridge.store import Store
-from bridge.streams import format_utc
+from bridge.streams import format_utc, parse_time
 
 __all__ = ["DAEMON_FRESH", "add_cursor_parser", "run_cursor"]
 
@@ -333,8 +333,11 @@ def _reverse_value(stream: _Stream, value: str, now: float) -> str:
 
 
 def _parse_time(value: str) -> datetime:
-    parsed = datetime.fromisoformat(value.strip())
-    return parsed.replace(tzinfo=UTC) if parsed.tzinfo is None else parsed.astimezone(UTC)
+    """The shared ISO parser (a time without a zone is UTC); ValueError when unreadable."""
+    when = parse_time(value.strip())
+    if when is None:
+        raise ValueError(value)
+    return when
 
 
 async def _daemon_running(store: Store, now: float, err: TextIO, *, forced: bool) -> bool:
