@@ -22,11 +22,55 @@ class SourceEvent(msgspec.Struct, frozen=True, kw_only=True):
     content_hash: str
 
 
+class Rejection(msgspec.Struct, frozen=True, kw_only=True):
+    """A source event that could not be read or mapped, bound for the dead-letter table."""
+
+    event: SourceEvent
+    reason: str
+
+
 class Page(msgspec.Struct, frozen=True, kw_only=True):
-    """One page of a stream: its events and the cursor to store once they are durable."""
+    """One page of a stream: its events and the cursor to store once they are durable.
+
+    ``rejected`` holds the page's records that could not be read at all (a wrong type, a
+    missing id): they are dead-lettered in the same transaction as the page's ops and
+    cursor, so one bad record neither stalls its stream nor is lost.
+    """
 
     events: list[SourceEvent]
     cursor: str | None
+    rejected: list[Rejection] = msgspec.field(default_factory=list)
+
+
+UNREADABLE_KIND = "unreadable"
+"""The kind of an event that holds a source record as served, because it did not decode."""
+
+
+def unreadable(stream: str, raw: bytes, reason: str, *, key: str | None = None) -> Rejection:
+    """A source record that does not decode as its stream's type, as a dead letter.
+
+    ``raw`` is the record's JSON as served, kept so the operator sees what came. Bytes that
+    are not valid JSON (bad UTF-8, a lone surrogate escape) are kept as a JSON string with
+    the bad bytes replaced, so the dead letter itself always reads back. ``key`` is the
+    record's usual key when its id could be read; otherwise the key is made from the
+    record's bytes, so the same bad record served again is one dead letter, not many.
+    """
+    try:
+        msgspec.json.decode(raw)
+        data = raw
+    except (msgspec.DecodeError, UnicodeDecodeError):
+        data = msgspec.json.encode(raw.decode("utf-8", "replace"))
+    digest = hashlib.sha256(raw).hexdigest()
+    return Rejection(
+        event=SourceEvent(
+            stream=stream,
+            key=key or f"{stream}:unidentified:{digest[:16]}",
+            kind=UNREADABLE_KIND,
+            data=data,
+            content_hash=digest,
+        ),
+        reason=reason,
+    )
 
 
 class _EventEnvelope(msgspec.Struct, frozen=True, kw_only=True):
@@ -126,13 +170,6 @@ class IdMapRow(msgspec.Struct, frozen=True, kw_only=True):
     updated_at: float
     tags: tuple[str, ...] | None = None
     url: str | None = None
-
-
-class Rejection(msgspec.Struct, frozen=True, kw_only=True):
-    """A source event that could not be mapped, bound for the dead-letter table."""
-
-    event: SourceEvent
-    reason: str
 
 
 class DeadLetter(msgspec.Struct, frozen=True, kw_only=True):

@@ -41,6 +41,7 @@ from bridge.errors import Fatal, InDoubt, Rejected, Retryable
 from bridge.health import Health
 from bridge.models import (
     EVENT_KIND,
+    UNREADABLE_KIND,
     DeadLetter,
     NewOp,
     Op,
@@ -368,6 +369,7 @@ class Pipeline:
         cursor = await self._store.get_cursor(stream.name)
         async for page in stream.pages(cursor):
             ops, rejections = await self._transform(stream, page.events)
+            rejections = [*page.rejected, *rejections]
             await self._wait_for_room(stream.name, len(ops))
             now = self._clock.time()
             await self._store.commit_page(stream.name, page.cursor, ops, rejections, now=now)
@@ -590,6 +592,13 @@ class Pipeline:
         """
         if dl.kind == EVENT_KIND:
             event = decode_event(dl.payload)
+            if event.kind == UNREADABLE_KIND:
+                # Nothing here can be mapped; the stream reads the record again once it
+                # is fixed at the source (its modification date moves).
+                raise Rejected(
+                    f"dead letter {dl.id}: the record did not decode as served, so it cannot"
+                    " be replayed; fix it at the source and the stream reads it again"
+                )
             stream = self._streams_by_name.get(dl.stream)
             if stream is None:
                 raise Rejected(f"dead letter {dl.id}: stream {dl.stream!r} is not configured")
