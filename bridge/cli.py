@@ -446,7 +446,9 @@ async def _dlq(args: argparse.Namespace, config: Config, out: TextIO) -> int:
     async with open_app(config) as app:
         store = app.store
         if args.all:
-            letters = await store.dead_letters(limit=1_000_000)
+            # Oldest first, as they were first written: a person's upsert goes back into
+            # the outbox ahead of the messages that wait for its contact.
+            letters = sorted(await store.dead_letters(limit=1_000_000), key=lambda d: d.id)
         else:
             one = await store.dead_letter(args.id)
             if one is None:

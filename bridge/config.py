@@ -661,6 +661,42 @@ def _walk(obj: object, path: str) -> Iterator[tuple[str, str, object]]:
 _URL_FIELDS: Final = frozenset({"base_url", "authorize_url", "redirect_uri", "app_url"})
 
 
+_TEMPLATE_FIELDS: Final = frozenset({"template", "subject", "alert", "title", "body", "fields"})
+"""Config fields holding templates (``fields`` maps a key to one)."""
+
+
+def _templates(path: str, value: object) -> Iterator[tuple[str, str]]:
+    if isinstance(value, str):
+        yield path, value
+    elif isinstance(value, dict):
+        yield from ((f"{path}.{k}", v) for k, v in value.items() if isinstance(v, str))
+
+
+def template_problem(template: str) -> str | None:
+    """What is wrong with a template's syntax, or None (the syntax is ``mapping.render``'s).
+
+    ``{path}`` placeholders and ``[optional parts]`` may neither nest nor be left open:
+    an unbalanced one would render literally into every record.
+    """
+    opened: dict[str, int] = {}
+    pairs = {"}": "{", "]": "["}
+    names = {"{": "placeholder", "[": "optional part"}
+    for column, char in enumerate(template, 1):
+        if char in names:
+            if char in opened:
+                return f'"{char}" at column {column} is inside another {names[char]}'
+            opened[char] = column
+        elif char in pairs:
+            start = opened.pop(pairs[char], None)
+            if start is None:
+                return f'"{char}" at column {column} closes nothing'
+            if char == "}" and not template[start : column - 1].strip():
+                return f"empty placeholder at column {start}"
+    for char, column in opened.items():
+        return f'"{char}" at column {column} is never closed'
+    return None
+
+
 def _check(config: Config) -> None:
     """Cross-field rules msgspec cannot express; raise on the first broken one."""
     for path, name, value in _walk(config, "$"):
@@ -671,6 +707,11 @@ def _check(config: Config) -> None:
             # Quoted without its query string: a key pasted into a URL must not reach a log.
             shown = str(value).split("?")[0]
             raise ConfigError(path, f'must start with http:// or https://, got "{shown}"')
+        if name in _TEMPLATE_FIELDS:
+            for sub, text in _templates(path, value):
+                problem = template_problem(text)
+                if problem is not None:
+                    raise ConfigError(sub, problem)
         if name == "transforms" and isinstance(value, list):
             for index, transform in enumerate(value):
                 if transform not in TRANSFORMS:

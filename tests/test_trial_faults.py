@@ -23,8 +23,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import pytest
-
 from bridge.clock import SystemClock
 from bridge.config import GhlLocation, OAuthAuth
 from bridge.connectors.ghl.auth import OAuthTokens
@@ -402,12 +400,6 @@ def fault_mix() -> list[FaultRule]:
     ]
 
 
-@pytest.mark.xfail(
-    strict=False,
-    reason="the three bugs pinned by the strict xfails below: under 20 % faults a message in"
-    " doubt can land twice, and good records can be dead-lettered; it passes on runs that"
-    " do not meet them",
-)
 async def test_sync_under_twenty_percent_faults_arrives_exactly_once(tmp_path: Path) -> None:
     """A sync through 429s, 5xx, resets and timeouts delivers each record once, in budget."""
     seed = trial_seed("faults")
@@ -605,12 +597,6 @@ async def one_person(tmp_path: Path, *rules: FaultRule, name: str) -> AsyncItera
         yield runs
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: GhlTarget._inbound finds or creates the conversation itself when the id map"
-    " has none, but reconcile() then answers 'no conversation, so no message' without"
-    " looking: the in-doubt message is sent again and lands twice",
-)
 async def test_in_doubt_message_of_a_dead_lettered_conversation_lands_once(
     tmp_path: Path,
 ) -> None:
@@ -628,12 +614,6 @@ async def test_in_doubt_message_of_a_dead_lettered_conversation_lands_once(
         assert sorted(runs.world.ghl.messages_by_alt_id().values()) == [1, 1]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: GhlTarget._maybe_bad_input compares op.attempts, which counts resets and"
-    " timeouts too, with REJECT_5XX_AFTER: one 500 after two resets reads as"
-    " '3 server errors on this record' and dead-letters a good record",
-)
 async def test_one_server_error_after_two_resets_is_retried(tmp_path: Path) -> None:
     """A message whose sends met two resets and then one 500 is retried, not dead-lettered."""
     async with one_person(
@@ -646,12 +626,6 @@ async def test_one_server_error_after_two_resets_is_retried(tmp_path: Path) -> N
         assert sorted(runs.world.ghl.messages_by_alt_id().values()) == [1, 1]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: `bridge dlq replay --all` replays newest first (Store.dead_letters orders by"
-    " last_seen DESC), so a person's messages go back ahead of the upsert they wait for"
-    " and are dead-lettered again",
-)
 async def test_replay_all_brings_a_person_back_in_order(tmp_path: Path) -> None:
     """After a person's upsert was dead-lettered, one replay and one run deliver everything."""
     async with one_person(

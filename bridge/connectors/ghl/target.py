@@ -13,6 +13,8 @@ idempotent and simply sent again.
 
 from __future__ import annotations
 
+import asyncio
+from collections import OrderedDict
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -52,6 +54,9 @@ REJECT_5XX_AFTER = 3
 id, API_FACTS §6): after this many server errors on one op while other calls succeed,
 the op is dead-lettered instead of retried until max_attempts."""
 
+RECENT_MESSAGES = 10_000
+"""How many recently sent message keys (and per-op server-error counts) are remembered."""
+
 HEALTHY_WINDOW = 60.0
 """A 5xx counts against the op only if the location answered a call well this recently;
 during an outage every op would fail alike, and none of them is bad input."""
@@ -66,6 +71,13 @@ class GhlTarget:
         self._clock = clock
         self._last_success: float | None = None
         self._summaries = SummaryNotes(client, store, clock=clock)
+        # Per message key: its lock and how many ops hold or wait for it.
+        self._message_locks: dict[str, tuple[asyncio.Lock, int]] = {}
+        # Message keys sent by this process lately, bounded: what the id map may not show
+        # yet while another op of the same key waits for the lock.
+        self._messages_sent: OrderedDict[str, None] = OrderedDict()
+        # Server errors per op (not resets or timeouts), for _maybe_bad_input; bounded.
+        self._server_errors: OrderedDict[int, int] = OrderedDict()
 
     async def send(self, op: Op) -> OpResult:
         payload = _decode(op)
@@ -74,6 +86,7 @@ class GhlTarget:
         except (Retryable, InDoubt) as exc:
             raise self._maybe_bad_input(op, exc) from None
         self._last_success = self._clock.monotonic()
+        self._server_errors.pop(op.id, None)
         return result
 
     async def reconcile(self, op: Op) -> OpResult | None:
@@ -86,14 +99,20 @@ class GhlTarget:
                 return _ids(person, conversation_id=found.id)
             case InboundMessage(person=person):
                 known = await self._store.id_map(person)
-                if known is None or known.conversation_id is None:
-                    return None  # no conversation yet, so the message cannot be there
-                message = await self._client.find_message_by_alt_id(
-                    known.conversation_id, op.source_key
-                )
+                conversation_id = known.conversation_id if known is not None else None
+                if conversation_id is None:
+                    # The send may have made the conversation itself (its own op was
+                    # dead-lettered, or a replay), so look it up rather than assume none.
+                    if known is None or known.contact_id is None:
+                        return None  # no contact, so no conversation and no message
+                    found = await self._client.find_conversation(known.contact_id)
+                    if found is None:
+                        return None
+                    conversation_id = found.id
+                message = await self._client.find_message_by_alt_id(conversation_id, op.source_key)
                 if message is None:
                     return None
-                return _ids(op.source_key, message_id=message.id)
+                return _message_ids(op.source_key, person, message.id, conversation_id)
             case AddNote(person=person):
                 contact_id = await self._contact_id(person)
                 notes = await self._client.list_notes(contact_id)
@@ -117,8 +136,7 @@ class GhlTarget:
         client = self._client
         match payload:
             case UpsertContact(person=person, fields=fields):
-                upserted = await client.upsert_contact(fields)
-                return _ids(person, contact_id=upserted.contact.id)
+                return await self._upsert(person, fields)
             case EnsureConversation(person=person):
                 known = await self._store.id_map(person)
                 if known is not None and known.conversation_id is not None:
@@ -189,6 +207,35 @@ class GhlTarget:
                 return OpResult()
         raise Rejected(f"op kind {op.kind!r} is not a GHL op")  # pragma: no cover
 
+    async def _upsert(self, person: str, fields: models.ContactUpsert) -> OpResult:
+        """Create the person's contact, or update the one already mapped to it.
+
+        Upsert matches on e-mail, then phone: once a person's e-mail changes it would
+        match nobody and make a second contact, while the stored conversation stays the
+        first one's. So a mapped contact is updated by its id, and upsert is used to
+        create, to set what only upsert takes (gender, company name: the e-mail now
+        matches), and when the mapped contact was deleted in GHL.
+        """
+        known = await self._store.id_map(person)
+        if known is not None and known.contact_id is not None:
+            update = models.ContactUpdate(
+                **{
+                    f.name: getattr(fields, f.name)
+                    for f in msgspec.structs.fields(models.ContactUpdate)
+                }
+            )
+            try:
+                await self._client.update_contact(known.contact_id, update)
+            except Rejected as exc:
+                if exc.status != 404:
+                    raise
+                log.warning("ghl_contact_gone", contact_id=known.contact_id)
+            else:
+                if fields.gender is None and fields.company_name is None:
+                    return OpResult()
+        upserted = await self._client.upsert_contact(fields)
+        return _ids(person, contact_id=upserted.contact.id)
+
     async def _sync_tags(self, sync: SyncTags) -> OpResult:
         known = await self._store.id_map(sync.person)
         before = set(known.tags or ()) if known is not None else set()
@@ -236,10 +283,38 @@ class GhlTarget:
         return OpResult(updates=(IdMapUpdate(source_key=op.source_key, url=url),))
 
     async def _inbound(self, op: Op, message: InboundMessage) -> OpResult:
+        # One message key at a time: the same source record listed under two people is
+        # two ops of two entities, which the pipeline may send at once.
+        key = op.source_key
+        lock, users = self._message_locks.get(key, (asyncio.Lock(), 0))
+        self._message_locks[key] = (lock, users + 1)
+        try:
+            async with lock:
+                if key in self._messages_sent:
+                    return OpResult()  # sent moments ago by another op of this key
+                result = await self._send_inbound(op, message)
+                self._messages_sent[key] = None
+                while len(self._messages_sent) > RECENT_MESSAGES:
+                    self._messages_sent.popitem(last=False)
+                return result
+        finally:
+            lock, users = self._message_locks.pop(key)
+            if users > 1:
+                self._message_locks[key] = (lock, users - 1)
+
+    async def _send_inbound(self, op: Op, message: InboundMessage) -> OpResult:
         if await self._store.made_before(op.source_key):
             return OpResult()  # delivered before (a replay or a re-queued record)
-        contact_id = await self._contact_id(message.person)
-        conversation_id = await self._conversation_id(message.person)
+        known = await self._store.id_map(message.person)
+        if known is None or known.contact_id is None:
+            raise _no_contact(message.person)
+        contact_id = known.contact_id
+        conversation_id = known.conversation_id
+        made_conversation = conversation_id is None
+        if conversation_id is None:
+            # Flows queue an EnsureConversation first; this covers a replayed message whose
+            # conversation op is gone. Create is safe: "already exists" is looked up.
+            conversation_id = (await self._client.create_conversation(contact_id)).id
         attachments = list(message.attachments)
         for key in message.attachment_keys:
             url = await self._uploaded_url(key)
@@ -264,6 +339,10 @@ class GhlTarget:
             ),
             direction=message.direction,
         )
+        if made_conversation:
+            return _message_ids(
+                op.source_key, message.person, processed.message_id, conversation_id
+            )
         return _ids(op.source_key, message_id=processed.message_id)
 
     async def _link(self, label: str, key: str) -> str:
@@ -278,9 +357,7 @@ class GhlTarget:
     async def _contact_id(self, person: str) -> str:
         known = await self._store.id_map(person)
         if known is None or known.contact_id is None:
-            raise Rejected(
-                f"no GHL contact for {person}: its upsert has not succeeded (see its dead letter)"
-            )
+            raise _no_contact(person)
         return known.contact_id
 
     async def _conversation_id(self, person: str) -> str:
@@ -293,18 +370,26 @@ class GhlTarget:
         return ensured.id
 
     def _maybe_bad_input(self, op: Op, exc: Retryable | InDoubt) -> Exception:
+        """A 5xx that keeps coming for one op while the location is healthy is bad input.
+
+        Only server errors count: ``op.attempts`` also counts resets and timeouts, which
+        say nothing about the record. The count lives in memory, so a restart starts it
+        again (more retries, never a good record dead-lettered early).
+        """
+        if exc.status is None or exc.status < 500:
+            return exc
+        errors = self._server_errors.pop(op.id, 0) + 1
+        self._server_errors[op.id] = errors
+        while len(self._server_errors) > RECENT_MESSAGES:
+            self._server_errors.popitem(last=False)
         healthy = (
             self._last_success is not None
             and self._clock.monotonic() - self._last_success < HEALTHY_WINDOW
         )
-        if (
-            exc.status is not None
-            and exc.status >= 500
-            and op.attempts + 1 >= REJECT_5XX_AFTER
-            and healthy
-        ):
+        if errors >= REJECT_5XX_AFTER and healthy:
+            del self._server_errors[op.id]
             return Rejected(
-                f"{exc} ({op.attempts + 1} server errors on this record while other calls"
+                f"{exc} ({errors} server errors on this record while other calls"
                 " succeed: treating it as bad input)"
             )
         return exc
@@ -318,6 +403,22 @@ def _decode(op: Op) -> GhlOp:
         return decode_op(op.payload)
     except msgspec.DecodeError as exc:
         raise Rejected(f"unreadable GHL op payload: {exc}") from None
+
+
+def _no_contact(person: str) -> Rejected:
+    return Rejected(
+        f"no GHL contact for {person}: its upsert has not succeeded (see its dead letter)"
+    )
+
+
+def _message_ids(key: str, person: str, message_id: str, conversation_id: str) -> OpResult:
+    """A message's id, and its person's conversation: the next op need not look it up."""
+    return OpResult(
+        updates=(
+            IdMapUpdate(source_key=key, message_id=message_id),
+            IdMapUpdate(source_key=person, conversation_id=conversation_id),
+        )
+    )
 
 
 def _ids(
