@@ -40,7 +40,8 @@ from bridge.sim.common import serve
 from bridge.sim.ghl import build_app as build_ghl_app
 from bridge.sim.ghl_state import GhlSim
 
-UPSERT = ("POST", "/contacts/upsert")
+# A known person's contact is updated by its id (upsert would not follow an e-mail change).
+UPDATE = ("PUT", "/contacts/{contactId}")
 INBOUND = ("POST", "/conversations/messages/inbound")
 
 
@@ -111,7 +112,7 @@ async def measure(
         mark = ghl.journal.last_seq
         changed = time.time()
         if n % 2 == 0:  # a rename first, so the person's contact exists for the signature
-            kind, write = "rename", UPSERT
+            kind, write = "rename", UPDATE
             an.touch_person(person, {"family_name": f"Renamed{n}"}, key=key)
         else:
             kind, write = "signature", INBOUND

@@ -395,3 +395,53 @@ async def test_assign_contact_sets_the_owner(
     await run(store, ghl_client, ScriptedStream([(person, [*ops, (assign, f"{person}:assign")])]))
     (contact,) = [c for c in ghl_server.sim.contacts() if c["email"] == "p9@example.org"]
     assert contact["assignedTo"] == "user-organiser-1"
+
+
+async def test_a_changed_person_updates_its_contact_by_id_even_with_a_new_email(
+    store: Store, ghl_client: GhlClient, ghl_server: GhlServer
+) -> None:
+    """Upsert matches on e-mail, so a mapped contact is updated by its id instead."""
+    await run(store, ghl_client, ScriptedStream([person_ops(5, messages=0)]))
+    person = "an:person:5"
+    moved = UpsertContact(person=person, fields=ContactUpsert(email="new5@example.org"))
+    again = ScriptedStream([(person, [(moved, None)])])
+    again.name = "test.again"
+    await run(store, ghl_client, again)
+    (contact,) = ghl_server.sim.contacts(ghl_server.location_id)
+    assert contact["email"] == "new5@example.org"
+    assert contact["firstName"] == "P5"
+
+
+async def test_a_contact_deleted_in_ghl_is_made_again(
+    store: Store, ghl_client: GhlClient, ghl_server: GhlServer
+) -> None:
+    """When the mapped contact is gone (404), the upsert makes a new one and maps it."""
+    await run(store, ghl_client, ScriptedStream([person_ops(6, messages=0)]))
+    sim = ghl_server.sim
+    (old,) = sim.contacts(ghl_server.location_id)
+    token = sim._tokens[ghl_server.token]
+    sim.delete_contact(token, old["id"])
+    person = "an:person:6"
+    upsert = UpsertContact(person=person, fields=ContactUpsert(email="p6@example.org"))
+    again = ScriptedStream([(person, [(upsert, None)])])
+    again.name = "test.again"
+    pipeline = await run(store, ghl_client, again)
+    assert pipeline.summary.dead_lettered == 0
+    (new,) = sim.contacts(ghl_server.location_id)
+    assert new["id"] != old["id"]
+    row = await store.id_map(person)
+    assert row is not None
+    assert row.contact_id == new["id"]
+
+
+async def test_one_message_key_under_two_people_is_sent_once(
+    store: Store, ghl_client: GhlClient, ghl_server: GhlServer
+) -> None:
+    """Two ops of one message key, of two entities sent at once, make one GHL message."""
+    first, first_ops = person_ops(1, messages=0)
+    second, second_ops = person_ops(2, messages=0)
+    shared = "an:sub:shared"
+    first_ops.append((InboundMessage(person=first, message="one"), shared))
+    second_ops.append((InboundMessage(person=second, message="one"), shared))
+    await run(store, ghl_client, ScriptedStream([(first, first_ops), (second, second_ops)]))
+    assert ghl_server.sim.messages_by_alt_id() == {shared: 1}
