@@ -22,6 +22,7 @@ from bridge.clock import SystemClock
 from bridge.config import ActionNetworkSource, Duration
 from bridge.connectors.actionnetwork import (
     MAX_PER_PAGE,
+    RECENT_PEOPLE,
     AnClient,
     AnPeopleStream,
 )
@@ -29,23 +30,26 @@ from bridge.connectors.an_models import (
     ACTIVITY_TYPES,
     Action,
     ActivityData,
+    HalPage,
     Person,
     PersonData,
     Record,
     Tag,
+    an_id,
+    decode_page,
 )
 from bridge.errors import AuthError, Fatal, Retryable
-from bridge.models import NewOp, Page, SourceEvent
+from bridge.models import UNREADABLE_KIND, NewOp, Page, Rejection, SourceEvent
 from bridge.pipeline import Pipeline
 from bridge.ratelimit import TokenBucket
 from bridge.secrets import Secret
-from bridge.sim.actionnetwork import API, build_app
+from bridge.sim.actionnetwork import API, build_app, person_json, record_json
 from bridge.sim.actionnetwork_state import KINDS, AnSim
 from bridge.sim.an_data import ANCHOR, DAY, GeneratedGroup, seed_group
-from bridge.sim.common import FaultRule, JournalEntry, serve
+from bridge.sim.common import FaultRule, JournalEntry, RawJson, serve
 from bridge.store import Store
 from bridge.streams import Mapper, format_utc, unmapped
-from tests.fakes import settings
+from tests.fakes import FakeTarget, settings
 
 KEY = "an-test-key-7c1e52f3a4c2e9d556a1f2e9"
 SOURCE = "an-main"
@@ -189,8 +193,24 @@ def activities_of(pages: Sequence[Page]) -> list[ActivityData]:
     return [msgspec.json.decode(e.data, type=ActivityData) for e in events_of(pages, "activity")]
 
 
+def rejected_of(pages: Sequence[Page]) -> list[Rejection]:
+    return [r for p in pages for r in p.rejected]
+
+
 def an_hour_ago(an: AnServer) -> str:
     return format_utc(datetime.fromtimestamp(an.clock.time() - 3_600, UTC))
+
+
+def served_person(an: AnServer, person_id: str, **changes: Any) -> dict[str, Any]:
+    """A person's JSON as the simulator shows it, with ``changes``, to serve in its place."""
+    doc = person_json(an.base_url, an.sim.person(person_id, KEY))
+    doc.update(changes)
+    return doc
+
+
+def served_signature(an: AnServer, record_id: str, person_id: str) -> dict[str, Any]:
+    record = an.sim.get_record(KEY, "signatures", record_id, person_id=person_id)
+    return record_json(an.base_url, record)
 
 
 # --------------------------------------------------------------------------- auth
@@ -545,6 +565,249 @@ async def test_activity_strategy_costs_match_the_module_docstring(
     seq = an.sim.journal.last_seq
     await _per_action_poll(an, cursor)
     assert len(an.since(seq)) == per_action
+
+
+# ------------------------------------------------------------------- records that do not decode
+
+
+@pytest.mark.parametrize(
+    ("value", "named"),
+    [(7, "got `int`"), ("\ud800", "surrogate escape (\\ud800)"), (RawJson(b'"caf\xe9"'), "UTF-8")],
+    ids=["wrong type", "lone surrogate", "invalid utf-8"],
+)
+async def test_an_item_that_does_not_decode_costs_only_itself(
+    an: AnServer, value: Any, named: str
+) -> None:
+    """One bad person comes back as served with its uuid and why; its page's others decode."""
+    bad = an.pop.person_id(3)
+    an.sim.raw.set("people", bad, served_person(an, bad, given_name=value))
+    batches = [batch async for batch in an.client().items(Person, "/people")]
+    assert [len(b.read) + len(b.unread) for b in batches] == [25, 25, 10]
+    (unread,) = [u for b in batches for u in b.unread]
+    assert unread.id == bad
+    assert named in unread.reason
+    assert "given_name" in unread.reason
+    assert unread.reason.startswith("GET /api/v2/people page ")
+    assert unread.raw.startswith(b"{")
+    assert bad.encode() in unread.raw
+    read = {an_id(p.identifiers) for b in batches for p, _ in b.read}
+    assert read == {an.pop.person_id(i) for i in range(PEOPLE)} - {bad}
+
+
+def test_a_page_msgspec_refuses_is_split_by_hand() -> None:
+    """A lone surrogate fails msgspec for the whole body: the items are cut out and kept."""
+    body = (
+        b'{"page": 2, "_links": {"next": {"href": "/people?page=3"}},'
+        b' "_embedded": {"osdi:people": [{"given_name": "\\ud800", "a": [1, {"b": "]}"}]},'
+        b' 7 , {"given_name": "caf\xe9"}, {"x": "\\"", "y": "\\\\"}]}, "total_pages": 4}'
+    )
+    # What msgspec does: a Raw value's escapes are checked (so the envelope fails), its
+    # UTF-8 is not (so bad bytes alone never need the split).
+    with pytest.raises(msgspec.DecodeError, match="hex escape"):
+        msgspec.json.decode(body, type=HalPage[msgspec.Raw])
+    (raw,) = msgspec.json.decode(b'[{"a": "caf\xe9"}]', type=list[msgspec.Raw])
+    assert bytes(raw) == b'{"a": "caf\xe9"}'
+    page = decode_page(body)
+    assert (page.page, page.total_pages) == (2, 4)
+    assert page.embedded is not None
+    assert [bytes(item) for item in page.embedded["osdi:people"]] == [
+        b'{"given_name": "\\ud800", "a": [1, {"b": "]}"}]}',
+        b"7",
+        b'{"given_name": "caf\xe9"}',
+        b'{"x": "\\"", "y": "\\\\"}',
+    ]
+    with pytest.raises(msgspec.DecodeError):
+        decode_page(b'{"page": "\\ud800", "_embedded": {"osdi:people": []}}')
+
+
+async def test_a_page_whose_envelope_is_bad_is_still_retried(an: AnServer) -> None:
+    """Only the items are split off: a page that is bad outside them stays Retryable."""
+
+    def broken(request: web.Request, body: dict[str, Any]) -> None:
+        body["page"] = "\ud800"
+
+    an.tampers.append(broken)
+    with pytest.raises(Retryable, match="unexpected body"):
+        await anext(aiter(an.client(read_tries=1).items(Person, "/people")))
+
+
+async def test_readers_without_dead_letters_still_retry_a_bad_item(an: AnServer) -> None:
+    """pages() (tags, taggings) keeps the old rule: an item that does not decode is Retryable."""
+    bad = an.pop.person_id(0)
+    an.sim.raw.set("people", bad, served_person(an, bad, custom_fields=["a"]))
+    with pytest.raises(Retryable, match=r"\$\.custom_fields"):
+        async for _ in an.client().pages(Person, "/people"):
+            pass
+
+
+async def test_a_person_that_does_not_decode_is_a_dead_letter_and_the_rest_flow(
+    an: AnServer,
+) -> None:
+    """The bad person is a rejection under its own key; the others are events; the cursor moves."""
+    people = [an.touch(i) for i in range(3)]
+    an.clock.advance(5)
+    bad = people[1]
+    an.sim.raw.set("people", bad, served_person(an, bad, created_date="2026-02-30T00:00:00Z"))
+    pages = await drain(an.stream(activities=False), an_hour_ago(an))
+    (rejection,) = rejected_of(pages)
+    assert rejection.event.key == f"{SOURCE}:person:{bad}"
+    assert rejection.event.kind == UNREADABLE_KIND
+    assert "$.created_date" in rejection.reason
+    assert set(people_of(pages)) == {people[0], people[2]}
+    assert pages[-1].cursor == an.modified(people[0])
+
+
+async def test_records_without_an_id_are_dead_letters_not_log_lines(an: AnServer) -> None:
+    """A person or a signature with neither identifier nor self link is a keyless dead letter."""
+    anonymous, signer = an.touch(0), an.touch(1)
+    action_id, _ = an.action("petitions")
+    record_id = an.sim.add_activity(KEY, action_id, signer, comments="a signature with no id")
+    an.clock.advance(5)
+    doc = served_person(an, anonymous)
+    record = served_signature(an, record_id, signer)
+    for served in (doc, record):
+        del served["identifiers"], served["_links"]
+    an.sim.raw.set("people", anonymous, doc)
+    an.sim.raw.set("signatures", record_id, record)
+    with capture_logs() as logs:
+        pages = await drain(an.stream(), an_hour_ago(an))
+    rejected = {r.reason.split(": ", 1)[1]: r for r in rejected_of(pages)}
+    assert sorted(rejected) == [
+        "a person with no id (no action_network: identifier, no self link), so it cannot be keyed",
+        "a signature with no id (no action_network: identifier, no self link), so it cannot be"
+        " keyed",
+    ]
+    assert all(r.event.key.startswith(f"{SOURCE}.people:unidentified:") for r in rejected_of(pages))
+    assert any(b"a signature with no id" in r.event.data for r in rejected_of(pages))
+    assert list(people_of(pages)) == [signer]
+    assert not [e for e in logs if e["event"].endswith("_without_id")]
+
+
+async def test_an_activity_that_does_not_decode_is_a_dead_letter_under_its_key(
+    an: AnServer,
+) -> None:
+    """A bad signature is a rejection keyed as the signature; the person and its others flow."""
+    person = an.pop.person_id(5)
+    action_id, _ = an.action("petitions")
+    good = an.sim.add_activity(KEY, action_id, person, comments="fine")
+    bad = an.sim.add_activity(KEY, action_id, person, comments="to be broken")
+    an.clock.advance(5)
+    record = served_signature(an, bad, person)
+    record["comments"] = {"x": 1}
+    an.sim.raw.set("signatures", bad, record)
+    pages = await drain(an.stream(), an_hour_ago(an))
+    (rejection,) = rejected_of(pages)
+    assert rejection.event.key == f"{SOURCE}:signature:{bad}"
+    assert f"GET /api/v2/people/{person}/signatures page 1, item" in rejection.reason
+    assert "$.comments" in rejection.reason
+    assert [a.id for a in activities_of(pages)] == [good]
+    assert list(people_of(pages)) == [person]
+
+
+async def test_an_unreadable_person_still_brings_its_activities(an: AnServer) -> None:
+    """A person that does not decode but whose id reads still has its signatures read."""
+    person = an.pop.person_id(6)
+    action_id, _ = an.action("petitions")
+    signed = an.sim.add_activity(KEY, action_id, person, comments="still counts")
+    an.clock.advance(5)
+    an.sim.raw.set("people", person, served_person(an, person, family_name=["x"]))
+    pages = await drain(an.stream(), an_hour_ago(an))
+    assert [r.event.key for r in rejected_of(pages)] == [f"{SOURCE}:person:{person}"]
+    assert [a.id for a in activities_of(pages)] == [signed]
+
+
+async def test_a_person_gone_before_their_taggings_are_read_is_a_dead_letter(
+    an: AnServer,
+) -> None:
+    """A 404 on a listed person's taggings (deleted mid-poll) dead-letters that person alone."""
+    kept, gone = an.touch(0), an.touch(1)
+    an.clock.advance(5)
+    an.sim.faults.fail_next(f"{API}/people/{gone}/taggings", 1, status=404)
+    pages = await drain(an.stream(), an_hour_ago(an))
+    (rejection,) = rejected_of(pages)
+    assert rejection.event.key == f"{SOURCE}:person:{gone}"
+    assert rejection.reason.startswith(f"GET /api/v2/people/{gone}/taggings: HTTP 404")
+    assert "the person was listed, then could not be read" in rejection.reason
+    assert gone.encode() in rejection.event.data
+    assert list(people_of(pages)) == [kept]
+    assert pages[-1].cursor == an.modified(kept)
+    an.sim.faults.fail_next(f"{API}/people/{gone}/taggings", 10, status=503)
+    with pytest.raises(Retryable, match="HTTP 503"):
+        await drain(an.stream(client=an.client(read_tries=2)), an_hour_ago(an))
+
+
+# --------------------------------------------------------------------------- memory of a window
+
+
+def _script_people(an: AnServer, pages: dict[int, list[str]]) -> None:
+    """Serve these people (as they are now) on these pages of /people, whatever is listed."""
+
+    def script(request: web.Request, body: dict[str, Any]) -> None:
+        number = int(request.query.get("page", "1"))
+        shown = [person_json(an.base_url, an.sim.person(p, KEY)) for p in pages.get(number, [])]
+        body["_embedded"] = {"osdi:people": shown}
+
+    an.tampers.append(script)
+
+
+def _taggings_reads(an: AnServer, seq: int, person_id: str) -> int:
+    return sum(1 for e in an.since(seq) if e.path == f"{API}/people/{person_id}/taggings")
+
+
+@pytest.mark.parametrize(("recent", "reads"), [(RECENT_PEOPLE, 1), (1, 2)])
+async def test_a_repeat_is_sent_once_even_when_the_poll_has_forgotten_it(
+    an: AnServer, tmp_path: Path, recent: int, reads: int
+) -> None:
+    """A person served again later in a backfill is read again once out of the recent people,
+    and the pipeline, which knows its content hash, still sends it once."""
+    first, second, third = (an.pop.person_id(i) for i in range(3))
+    _script_people(an, {1: [first], 2: [second], 3: [third, first]})
+
+    def one_op(event: SourceEvent) -> list[NewOp]:
+        return [NewOp(target="t", entity=event.key, kind="k", source_key=event.key, payload=b"")]
+
+    stream = an.stream(
+        client=an.client(per_page=1),
+        activities=False,
+        backfill_since=datetime(2000, 1, 1, tzinfo=UTC),
+        mapper=one_op,
+        recent=recent,
+    )
+    target = FakeTarget()
+    seq = an.sim.journal.last_seq
+    async with Store.open(tmp_path / "state.db") as store:
+        summary = await Pipeline(store, [stream], {"t": target}, settings(), an.clock).run(
+            once=True
+        )
+    assert _taggings_reads(an, seq, first) == reads
+    assert sorted(key for key, _ in target.applied) == sorted(
+        f"{SOURCE}:person:{p}" for p in (first, second, third)
+    )
+    assert set(target.applied.values()) == {1}
+    assert summary.events_unchanged == reads - 1
+
+
+async def test_a_poll_keeps_only_the_people_near_its_newest_change(an: AnServer) -> None:
+    """Past the overlap behind the newest change a person is forgotten (read again if
+    repeated); one inside it is remembered, so it is read once and settles for the next poll."""
+    old = an.touch(0)
+    an.clock.advance(300)  # well past the 120 s overlap
+    new = an.touch(1)
+    an.clock.advance(200)  # older than the overlap by the poll: it can settle
+    _script_people(an, {1: [old], 2: [new], 3: [old, new]})
+    seq = an.sim.journal.last_seq
+    stream = an.stream(client=an.client(per_page=1), activities=False, recent=1)
+    pages = await drain(stream, an_hour_ago(an))
+    assert (_taggings_reads(an, seq, old), _taggings_reads(an, seq, new)) == (2, 1)
+    assert [e.key for e in events_of(pages)] == [f"{SOURCE}:person:{p}" for p in (old, new, old)]
+    cursor = pages[-1].cursor
+    assert cursor == an.modified(new)
+    an.tampers.clear()
+    an.clock.advance(60)
+    seq = an.sim.journal.last_seq
+    again = await drain(stream, cursor)
+    assert events_of(again) == []
+    assert [e.path for e in an.since(seq)] == [PEOPLE_PATH, PEOPLE_PATH]  # new, settled
 
 
 # --------------------------------------------------------------------------- backfill and wiring

@@ -26,7 +26,7 @@ from bridge.connectors.activedemand import (
     AdConversationsStream,
     AuthMode,
 )
-from bridge.connectors.ad_feeds import FeedConfig, Feeds
+from bridge.connectors.ad_feeds import FeedConfig, FeedPage, Feeds, read_page
 from bridge.connectors.ad_models import ContactData, ConversationData, MessageData
 from bridge.connectors.ad_target import (
     AddHistory,
@@ -216,7 +216,7 @@ async def test_header_mode_sends_the_key_and_partner_key_as_headers(ad: AdServer
     client = ad.client()
     seq = ad.sim.journal.last_seq
     await client.probe()
-    pages = [c async for c in client.conversation_pages()]
+    pages = [c.items async for c in client.conversation_pages()]
     entries = ad.since(seq)
     assert [e.status for e in entries] == [200, 200]
     assert all("api-key" not in e.query for e in entries)
@@ -290,7 +290,7 @@ async def test_errors_and_retry_logs_in_query_mode_never_show_the_key(ad: AdServ
 async def test_paging_stops_on_an_empty_or_a_short_page(ad: AdServer) -> None:
     """120 contacts: by 40s the walk ends on an empty fourth page; by 50s on the short third."""
     seq = ad.sim.journal.last_seq
-    sizes = [len(page) async for page in ad.client(per_page=40).contact_pages()]
+    sizes = [len(page.items) async for page in ad.client(per_page=40).contact_pages()]
     assert sizes == [40, 40, 40]
     assert [(e.query["page"], e.query["per_page"]) for e in ad.since(seq)] == [
         ("1", "40"),
@@ -299,7 +299,7 @@ async def test_paging_stops_on_an_empty_or_a_short_page(ad: AdServer) -> None:
         ("4", "40"),
     ]
     seq = ad.sim.journal.last_seq
-    sizes = [len(page) async for page in ad.client(per_page=50).contact_pages()]
+    sizes = [len(page.items) async for page in ad.client(per_page=50).contact_pages()]
     assert sizes == [50, 50, 20]
     assert len(ad.since(seq)) == 3
 
@@ -328,7 +328,7 @@ async def test_feed_config_reads_an_envelope_and_names_a_wrong_id_field(ad: AdSe
     wrapped = msgspec.structs.replace(
         default, conversations=msgspec.structs.replace(default.conversations, records="data")
     )
-    found = [c async for page in ad.client(feeds=wrapped).conversation_pages() for c in page]
+    found = [c async for page in ad.client(feeds=wrapped).conversation_pages() for c in page.items]
     assert len(found) == len(ad.seeded.conversation_ids)
     with pytest.raises(Fatal, match=r"records are not a list; set feeds\.conversations\.records"):
         async for _ in ad.client().conversation_pages():
@@ -337,7 +337,7 @@ async def test_feed_config_reads_an_envelope_and_names_a_wrong_id_field(ad: AdSe
         wrapped,
         conversations=msgspec.structs.replace(wrapped.conversations, id_field="conversation_id"),
     )
-    with pytest.raises(Fatal, match=r"no 'conversation_id'; check feeds\.conversations\.id_field"):
+    with pytest.raises(Fatal, match=r"has 'conversation_id'; check feeds\.conversations\.id_field"):
         async for _ in ad.client(feeds=wrong).conversation_pages():
             pass
 
@@ -366,6 +366,217 @@ def test_feeds_decode_from_config_with_checked_paths() -> None:
     for raw, message in bad:
         with pytest.raises(msgspec.ValidationError, match=message):
             msgspec.convert(raw, Feeds)
+
+
+# --------------------------------------------------------------------------- bad records
+
+FEED = FeedConfig(path="/things.json")
+WHERE = "GET /v1/things.json"
+
+
+def read(body: bytes, feed: FeedConfig = FEED, *, identified: bool = False) -> FeedPage:
+    return read_page(body, feed, label="things", where=WHERE, identified=identified)
+
+
+@pytest.mark.parametrize(
+    ("bad", "key", "why"),
+    [
+        (b'{"id": 2, "name": "x\\ud800"}', "2", "$.name holds a lone surrogate escape"),
+        (b'{"id": "2", "name": "caf\xe9"}', "2", "$.name holds invalid UTF-8"),
+        (b'{"id": 2, "n": [[[' + b"[" * 2000 + b"]" * 2003 + b"}", None, "nested too deeply"),
+        (b'{"id": 2, "n": NaN}', "2", "not valid JSON"),
+        (b'{"id": null, "name": "x"}', None, "'id' is null, not an id"),
+        (b'{"id": {"n": 1}}', None, "'id' is an object, not an id"),
+        (b'{"name": "no id"}', None, "has no 'id' field"),
+        (b"[1, 2]", None, "a things record is a list, not an object"),
+        (b"null", None, "a things record is null, not an object"),
+    ],
+    ids=[
+        "lone surrogate",
+        "invalid utf-8",
+        "nested too deeply",
+        "NaN",
+        "null id",
+        "object id",
+        "no id field",
+        "a list",
+        "null",
+    ],
+)
+def test_one_bad_record_is_set_apart_from_the_good_ones(
+    bad: bytes, key: str | None, why: str
+) -> None:
+    """One bad record among good ones is a BadRecord holding its bytes as served, its id
+    when readable, and a one-line reason naming what is wrong; the rest read as usual."""
+    page = read(b'[{"id": 1, "name": "\\ud83d\\ude00"}, ' + bad + b', {"id": 3}]')
+    assert [r.id for r in page.records] == ["1", "3"]
+    assert page.records[0].record["name"] == "\N{GRINNING FACE}"  # a valid pair is fine
+    (got,) = page.bad
+    assert (got.id, got.raw) == (key, bad)
+    assert got.reason.startswith(f"{WHERE}: ")
+    assert why in got.reason
+    assert "\n" not in got.reason
+    assert len(page.ids) == 3  # it still counts for the page rule
+
+
+def test_a_page_without_any_id_field_is_fatal_unless_the_feed_has_shown_ids() -> None:
+    """No record carrying the id field is a config mismatch (Fatal) until the feed has
+    served identified records; then it is a page of bad records. A record whose id is
+    present but unusable is never taken for a config mismatch."""
+    body = b'[{"name": "a"}, {"name": "b"}]'
+    with pytest.raises(Fatal, match=r"no record of 2 has 'id'; check feeds\.things\.id_field"):
+        read(body)
+    with pytest.raises(Fatal, match="no record of 1 has 'id'"):
+        read(b"[7]")
+    assert len(read(body, identified=True).bad) == 2
+    assert [b.reason for b in read(b'[{"id": null}]').bad] == [
+        f"{WHERE}: a things record's 'id' is null, not an id"
+    ]
+    assert read(b"[]") == FeedPage(records=[], bad=[])
+
+
+def test_only_valid_json_can_show_a_config_mismatch() -> None:
+    """A wrong envelope in valid JSON is Fatal; a body that cannot be split into records
+    (cut short, a proxy's HTML page, a missing comma) is Retryable, nothing dead-lettered;
+    a lone surrogate inside an envelope costs its record only."""
+    wrapped = FeedConfig(path="/things.json", records="data.items")
+    with pytest.raises(Fatal, match=r"no 'data\.items' in the response"):
+        read(b'{"data": []}', wrapped)
+    with pytest.raises(Fatal, match="records are not a list"):
+        read(b'{"data": {"items": {"id": 1}}}', wrapped)
+    for garbled in (
+        b'[{"id": 1}, {"id": 2, "name": "cut',
+        b"<html><body>Bad gateway</body></html>",
+        b'[{"id": 1} {"id": 2, "name": "\\ud800"}]',
+        b'{"data": {"items": "\\ud800"}}',
+    ):
+        with pytest.raises(Retryable, match="cannot be split into records"):
+            read(garbled, wrapped if garbled.startswith(b"{") else FEED)
+    page = read(
+        b'{"meta": {"id": 9}, "data": {"items": [{"id": 1}, {"id": 2, "x": "\\udc00"}]}}',
+        wrapped,
+    )
+    assert ([r.id for r in page.records], [b.id for b in page.bad]) == (["1"], ["2"])
+
+
+def _page_one(edit: Callable[[list[bytes]], list[bytes]], page: str = "1") -> Tamper:
+    """A tamper that serves one page of contacts with its records edited as bytes."""
+
+    def tamper(request: web.Request, response: web.Response) -> web.Response | None:
+        if request.query.get("page") != page:
+            return None
+        assert response.text is not None
+        records = [json.dumps(r).encode() for r in json.loads(response.text)]
+        body = b"[" + b", ".join(edit(records)) + b"]"
+        return web.Response(body=body, content_type="application/json")
+
+    return tamper
+
+
+def _swap(index: int, old: bytes, new: bytes) -> Callable[[list[bytes]], list[bytes]]:
+    def edit(records: list[bytes]) -> list[bytes]:
+        assert old in records[index]
+        records[index] = records[index].replace(old, new, 1)
+        return records
+
+    return edit
+
+
+@pytest.mark.parametrize(
+    ("old", "new", "keyed"),
+    [
+        (b'"id": ', b'"name": "\\ud800", "id": ', True),
+        (b'"id": ', b'"name": "caf\xe9", "id": ', True),
+        (b'"id": ', b'"id": null, "was": ', False),
+    ],
+    ids=["lone surrogate", "invalid utf-8", "null id"],
+)
+async def test_a_bad_contact_is_a_rejection_of_its_page_and_the_scan_goes_on(
+    ad: AdServer, old: bytes, new: bytes, keyed: bool
+) -> None:
+    """A full page with one bad contact yields the other 39 and one rejection under the
+    contact's key (or, without a readable id, one made from its bytes), and the walk
+    still reads every later page."""
+    ad.tampers[CONTACTS_PATH] = _page_one(_swap(3, old, new))
+    stream = AdContactsStream(ad.client(per_page=40), source=SOURCE, clock=ad.clock)
+    pages = await drain(stream, None)
+    assert [len(p.events) for p in pages] == [39, 40, 40, 0]
+    assert [len(p.rejected) for p in pages] == [1, 0, 0, 0]
+    (rejected,) = pages[0].rejected
+    bad_id = ad.seeded.contact_ids[3]
+    if keyed:
+        assert rejected.event.key == f"{SOURCE}:contact:{bad_id}"
+        assert "$.name holds" in rejected.reason
+    else:
+        assert rejected.event.key.startswith(f"{SOURCE}.contacts:unidentified:")
+        assert "'id' is null" in rejected.reason
+    assert rejected.event.kind == "unreadable"
+    assert f"{SOURCE}:contact:{bad_id}" not in {e.key for e in events_of(pages)}
+
+
+async def test_a_page_of_contacts_without_ids_after_good_pages_is_bad_records(
+    ad: AdServer,
+) -> None:
+    """Once the feed has served ids, a later page none of whose records has one is read as
+    that many bad records, not as a wrong id_field: the scan ends normally."""
+
+    def drop_ids(records: list[bytes]) -> list[bytes]:
+        return [r.replace(b'"id": ', b'"was": ', 1) for r in records]
+
+    ad.tampers[CONTACTS_PATH] = _page_one(drop_ids, page="3")
+    stream = AdContactsStream(ad.client(per_page=50), source=SOURCE, clock=ad.clock)
+    pages = await drain(stream, None)
+    assert [(len(p.events), len(p.rejected)) for p in pages] == [(50, 0), (50, 0), (0, 20), (0, 0)]
+    assert {r.reason for r in pages[2].rejected} == {
+        f"GET {CONTACTS_PATH}: a contacts record has no 'id' field"
+    }
+    assert len({r.event.key for r in pages[2].rejected}) == 20
+
+
+async def test_bad_contacts_are_dead_lettered_with_the_page(ad: AdServer, tmp_path: Path) -> None:
+    """Through the real pipeline: the bad contact is one dead letter with its reason, every
+    other contact reaches the target, and the scan's cursor is stored."""
+    ad.tampers[CONTACTS_PATH] = _page_one(_swap(0, b'"id": ', b'"name": "\\udfff", "id": '))
+    stream = AdContactsStream(ad.client(), source=SOURCE, clock=ad.clock, mapper=one_op)
+    async with Store.open(tmp_path / "state.db") as store:
+        target = FakeTarget()
+        await Pipeline(store, [stream], {"fake:main": target}, settings(), ad.clock).run(once=True)
+        bad_key = f"{SOURCE}:contact:{ad.seeded.contact_ids[0]}"
+        assert len(target.sent) == CONTACTS - 1
+        assert bad_key not in {op.source_key for op in target.sent}
+        (letter,) = await store.dead_letters()
+        assert (letter.source_key, letter.kind) == (bad_key, "event")
+        assert letter.error == (
+            f"GET {CONTACTS_PATH}: contacts record {ad.seeded.contact_ids[0]}: "
+            "$.name holds a lone surrogate escape (\\ud800-\\udfff)"
+        )
+        assert await store.get_cursor(stream.name) == format_utc(ad.clock.time())
+
+
+async def test_one_unreadable_contact_is_none_and_logged(ad: AdServer) -> None:
+    """contact() of a contact with unreadable text is None (the scan dead-letters it),
+    logged with the reason; one without the id field stops, as a wrong setting would."""
+    target = ad.seeded.contact_ids[2]
+    path = f"{API}/contacts/{target}.json"
+
+    def garble(request: web.Request, response: web.Response) -> web.Response:
+        assert isinstance(response.body, bytes)
+        return web.Response(body=response.body.replace(b'"id"', b'"x": "\xff", "id"', 1))
+
+    ad.tampers[path] = garble
+    client = ad.client()
+    with capture_logs() as logs:
+        assert await client.contact(str(target)) is None
+    (logged,) = [e for e in logs if e["event"] == "ad_contact_unreadable"]
+    assert logged["reason"].endswith(f"contacts record {target}: $.x holds invalid UTF-8")
+
+    def drop_id(request: web.Request, response: web.Response) -> web.Response:
+        assert isinstance(response.body, bytes)
+        return web.Response(body=response.body.replace(b'"id"', b'"was"', 1))
+
+    ad.tampers[path] = drop_id
+    with pytest.raises(Fatal, match=r"has no 'id' field; check feeds\.contact_path"):
+        await client.contact(str(target))
 
 
 # --------------------------------------------------------------------------- contacts stream
@@ -426,7 +637,7 @@ async def test_one_contact_reads_like_a_list_element_or_none_on_404(ad: AdServer
     """contact() normalises like contact_pages(), is None on a 404, passes other refusals
     on, and is Fatal without a contact_path."""
     client = ad.client(per_page=40)
-    listed = [c async for page in client.contact_pages() for c in page][:3]
+    listed = [c async for page in client.contact_pages() for c in page.items][:3]
     for one in listed:
         assert await client.contact(one.id) == one
     seq = ad.sim.journal.last_seq
@@ -453,7 +664,7 @@ async def test_find_contacts_by_id_or_by_a_walk_that_stops_early(ad: AdServer) -
     ids = [str(i) for i in ad.seeded.contact_ids]  # 120 contacts: 40 a page at per_page=40
     early, late = ids[:2], [ids[1], ids[45]]
     client = ad.client(per_page=40)
-    everyone = {c.id: c async for page in client.contact_pages() for c in page}
+    everyone = {c.id: c async for page in client.contact_pages() for c in page.items}
     seq = ad.sim.journal.last_seq
     found = await client.find_contacts([*early, "1"])
     assert found == {i: everyone[i] for i in early}
@@ -555,8 +766,9 @@ async def test_new_messages_and_status_changes_are_picked_up(ad: AdServer) -> No
     assert [e.query.get("since_id") for e in reads] == [str(sent.id)]  # now settled
 
 
-async def test_a_malformed_message_is_logged_and_skipped(ad: AdServer) -> None:
-    """One message that does not fit its Struct is skipped with a warning; the rest arrive."""
+async def test_a_malformed_message_is_rejected_in_its_page(ad: AdServer) -> None:
+    """One message that does not fit its Struct is a rejection of its page, under its own
+    key, naming the field; the rest arrive, and the watermark does not pass it."""
     conv_id = ad.seeded.conversation_ids[0]
     path = f"{API}/conversations/{conv_id}/messages.json"
     bad_id = ad.sim.conversation(KEY, conv_id).message_ids[0]
@@ -564,17 +776,58 @@ async def test_a_malformed_message_is_logged_and_skipped(ad: AdServer) -> None:
     def garble(request: web.Request, response: web.Response) -> web.Response:
         assert response.text is not None
         body = json.loads(response.text)
-        body[0]["created_at"] = "last tuesday"
+        if body:
+            body[0]["created_at"] = "last tuesday"
         return web.json_response(body)
 
     ad.tampers[path] = garble
-    with capture_logs() as logs:
-        pages = await drain(ad.conversations(), LONG_AGO)
+    stream = ad.conversations()
+    pages = await drain(stream, LONG_AGO)
     ids = {m.id for m in messages_of(pages) if m.conversation_id == str(conv_id)}
     expected = {str(i) for i in ad.sim.conversation(KEY, conv_id).message_ids}
     assert ids == expected - {str(bad_id)}
-    (skipped,) = [e for e in logs if e["event"] == "ad_record_skipped"]
-    assert (skipped["feed"], skipped["id"]) == ("messages", str(bad_id))
+    (rejected,) = [r for p in pages for r in p.rejected]
+    assert rejected.event.key == f"{SOURCE}:message:{bad_id}"
+    assert rejected.event.kind == "unreadable"
+    assert msgspec.json.decode(rejected.event.data)["created_at"] == "last tuesday"
+    assert rejected.reason.startswith(f"GET {path}: messages record {bad_id}: ")
+    assert "$.created_at" in rejected.reason
+    ad.sim.add_message(KEY, conv_id, body="Still there?")
+    seq = ad.sim.journal.last_seq
+    again = await drain(stream, pages[-1].cursor)
+    reads = [e for e in ad.since(seq) if e.path == path]
+    assert [e.query.get("since_id") for e in reads] == [None]  # read whole again
+    assert [r.event.key for p in again for r in p.rejected] == [rejected.event.key]
+
+
+async def test_a_malformed_conversation_is_rejected_and_the_others_go_on(ad: AdServer) -> None:
+    """A conversation whose updated field is no timestamp, or whose shape does not fit, is
+    a rejection under its key; its messages wait for it, every other conversation flows."""
+    first, second = ad.seeded.conversation_ids[:2]
+
+    def garble(request: web.Request, response: web.Response) -> web.Response:
+        assert response.text is not None
+        body = json.loads(response.text)
+        for record in body:
+            if record["id"] == first:
+                record["updated_at"] = "last tuesday"
+            if record["id"] == second:
+                record["channel"] = ["sms"]
+        return web.json_response(body)
+
+    ad.tampers[CONVERSATIONS_PATH] = garble
+    pages = await drain(ad.conversations(), LONG_AGO)
+    rejected = {r.event.key: r.reason for p in pages for r in p.rejected}
+    assert rejected == {
+        f"{SOURCE}:conversation:{first}": f"GET {CONVERSATIONS_PATH}: conversations record"
+        f" {first}: 'updated_at' is a string that is not a timestamp",
+        f"{SOURCE}:conversation:{second}": f"GET {CONVERSATIONS_PATH}: conversations record"
+        f" {second}: Expected `str | null`, got `array` - at `$.channel`",
+    }
+    conversations = {e.key for e in events_of(pages, "conversation")}
+    assert len(conversations) == len(ad.seeded.conversation_ids) - 2
+    assert not conversations & rejected.keys()
+    assert {m.conversation_id for m in messages_of(pages)}.isdisjoint({str(first), str(second)})
 
 
 async def test_a_transcription_becoming_ready_rehashes_the_call(ad: AdServer) -> None:
@@ -669,7 +922,7 @@ async def test_transform_hands_events_to_the_mapper_and_from_config_wires_names(
     event = SourceEvent(stream="s", key="k", kind="contact", data=b"{}", content_hash="h")
     assert contacts.transform(event) == one_op(event)
     assert conversations.transform(event) == []
-    assert [c async for page in client.conversation_pages() for c in page]
+    assert [c async for page in client.conversation_pages() for c in page.items]
 
 
 # --------------------------------------------------------------------------- calls and files

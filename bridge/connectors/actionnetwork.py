@@ -45,19 +45,22 @@ from bridge.connectors.an_models import (
     ActivityData,
     ActivityType,
     HalPage,
+    Items,
     Person,
     Record,
     Tag,
     Tagging,
     activity_data,
     an_id,
+    decode_page,
     href_id,
     person_data,
     person_key,
+    read_items,
     utc,
 )
 from bridge.errors import Fatal, Rejected, Retryable
-from bridge.models import NewOp, Page, SourceEvent
+from bridge.models import NewOp, Page, Rejection, SourceEvent, unreadable
 from bridge.ratelimit import TokenBucket
 from bridge.streams import (
     Mapper,
@@ -71,6 +74,7 @@ from bridge.streams import (
 __all__ = [
     "DEFAULT_INDEX_LAG",
     "MAX_PER_PAGE",
+    "RECENT_PEOPLE",
     "AnClient",
     "AnPeopleStream",
 ]
@@ -88,6 +92,10 @@ _BACKOFF_BASE = 0.5
 _BACKOFF_CAP = 30.0
 _ACCEPT = "application/hal+json, application/json;q=0.9"
 _ACTION_CACHE_SIZE = 256
+RECENT_PEOPLE = 1_000
+"""People a poll remembers to skip a repeat without reading it again (about 40 pages)."""
+# People changed within the overlap that the next poll may skip: only a burst reaches it.
+_TAIL_CAP = 50_000
 # gt is strict and dates have one-second resolution: one more second keeps the records
 # stamped in the cursor's own second, which may have been written after the last read.
 _SECOND = timedelta(seconds=1)
@@ -152,7 +160,7 @@ class AnClient:
 
         The entry point answers 200 even to a bad key, so the probe reads one person.
         """
-        hal = await self.page(Person, "/people", page=1, per_page=1)
+        hal = await self._raw_page("/people", page=1, per_page=1)
         _embedded(hal, f"GET {self._base_path}/people")
 
     async def page(
@@ -164,47 +172,54 @@ class AnClient:
         per_page: int | None = None,
         filter: str | None = None,
     ) -> HalPage[T]:
-        """One page of a collection, its items decoded as ``tp``."""
-        size = self.per_page if per_page is None else per_page
-        if not 1 <= size <= MAX_PER_PAGE:
-            raise ValueError(f"per_page must be within 1..{MAX_PER_PAGE}, got {size}")
-        query: list[tuple[str, str | int]] = [("page", page), ("per_page", size)]
-        if filter is not None:
-            query.append(("filter", filter))
+        """One page of a collection, its items decoded as ``tp`` (one bad item fails it)."""
         # HalPage[tp] is a runtime generic alias; mypy cannot see a variable as a type.
         page_type: Any = cast(Any, HalPage)[tp]
+        query = self._query(page, per_page, filter)
         return cast(HalPage[T], await self._get(page_type, path, query))
 
-    async def pages(
+    async def items(
         self, tp: type[T], path: str, *, filter: str | None = None
-    ) -> AsyncIterator[list[T]]:
+    ) -> AsyncIterator[Items[T]]:
         """Every non-empty page of a collection, in order, until an empty page.
 
-        ``next`` is present even on the last page, so only an empty page (or, where the
-        collection reports it, ``total_pages``) ends the walk. A page that is not the one
-        asked for, or that repeats the previous page's items, raises :class:`Fatal`:
-        following it would loop or skip records.
+        Each item is decoded on its own, so one that does not fit is handed back as
+        served, with why, and the rest of its page still reads. ``next`` is present even
+        on the last page, so only an empty page (or, where the collection reports it,
+        ``total_pages``) ends the walk. A page that is not the one asked for, or that
+        repeats the previous page's items, raises :class:`Fatal`: following it would loop
+        or skip records.
         """
         where = f"GET {self._base_path}{path}"
-        previous: list[T] | None = None
+        previous: list[bytes] | None = None
         number = 1
         while True:
-            hal = await self.page(tp, path, page=number, filter=filter)
+            hal = await self._raw_page(path, page=number, filter=filter)
             if hal.page is not None and hal.page != number:
                 raise Fatal(
                     f"{where}: asked for page {number} but the server returned page "
                     f"{hal.page}; paging would loop or skip records"
                 )
-            items = _embedded(hal, where)
-            if not items:
+            served = [bytes(item) for item in _embedded(hal, where)]
+            if not served:
                 return
-            if items == previous:
+            if served == previous:
                 raise Fatal(f"{where}: page {number} repeats page {number - 1}; paging would loop")
-            yield items
+            yield read_items(tp, served, where=f"{where} page {number}")
             if hal.total_pages is not None and number >= hal.total_pages:
                 return
-            previous = items
+            previous = served
             number += 1
+
+    async def pages(
+        self, tp: type[T], path: str, *, filter: str | None = None
+    ) -> AsyncIterator[list[T]]:
+        """Like :meth:`items`, for readers with no dead letters: an item that does not
+        decode raises :class:`Retryable`, as a whole page that does not would."""
+        async for batch in self.items(tp, path, filter=filter):
+            if batch.unread:
+                raise Retryable(batch.unread[0].reason)
+            yield [item for item, _ in batch.read]
 
     async def tag_names(self) -> dict[str, str]:
         """Every tag of the group: uuid -> name."""
@@ -219,8 +234,11 @@ class AnClient:
     async def person_tag_ids(self, person_id: str) -> list[str]:
         """The uuids of the tags a person carries (taggings cannot be filtered)."""
         found: list[str] = []
-        async for taggings in self.pages(Tagging, f"/people/{_q(person_id)}/taggings"):
-            for tagging in taggings:
+        async for taggings in self.items(Tagging, f"/people/{_q(person_id)}/taggings"):
+            if taggings.unread:
+                # A tag set read with a hole in it would remove that tag in GHL.
+                raise Rejected(taggings.unread[0].reason)
+            for tagging, _ in taggings.read:
                 ref = href_id(tagging.links, "osdi:tag")
                 if ref is not None:
                     found.append(ref[1])
@@ -286,11 +304,37 @@ class AnClient:
             json=body,
         )
 
+    def _query(
+        self, page: int, per_page: int | None, filter: str | None
+    ) -> list[tuple[str, str | int]]:
+        size = self.per_page if per_page is None else per_page
+        if not 1 <= size <= MAX_PER_PAGE:
+            raise ValueError(f"per_page must be within 1..{MAX_PER_PAGE}, got {size}")
+        query: list[tuple[str, str | int]] = [("page", page), ("per_page", size)]
+        if filter is not None:
+            query.append(("filter", filter))
+        return query
+
+    async def _raw_page(
+        self, path: str, *, page: int, per_page: int | None = None, filter: str | None = None
+    ) -> HalPage[msgspec.Raw]:
+        """One page with its items as served: only a page whose envelope is bad fails."""
+        response = await self._read(self._url(path, self._query(page, per_page, filter)))
+        try:
+            return decode_page(response.body)
+        except (msgspec.DecodeError, UnicodeDecodeError) as exc:
+            # As rest.decode_body: not the record's fault, so the read is retried.
+            where = f"GET {self._base_path}{path}"
+            reason = f"{where}: HTTP {response.status} with an unexpected body ({exc})"
+            raise Retryable(reason) from None
+
     async def _get(self, tp: type[T], path: str, query: list[tuple[str, str | int]]) -> T:
-        # Quoted by hand so the filter goes out as %20/%27, as API_FACTS §5 spells it.
-        url = self._base + path + (f"?{urlencode(query, quote_via=quote)}" if query else "")
-        response = await self._read(url)
+        response = await self._read(self._url(path, query))
         return rest.decode_body(tp, response, write=False, where=f"GET {self._base_path}{path}")
+
+    def _url(self, path: str, query: list[tuple[str, str | int]]) -> str:
+        # Quoted by hand so the filter goes out as %20/%27, as API_FACTS §5 spells it.
+        return self._base + path + (f"?{urlencode(query, quote_via=quote)}" if query else "")
 
     async def _read(self, url: str) -> rest.Response:
         attempt = 0
@@ -402,6 +446,60 @@ class _Actions:
         return action
 
 
+class _Seen:
+    """The people one poll has read, kept only as far as they can still matter.
+
+    Two things need them: a person served twice in a window (offset paging over an
+    unsorted collection that changes while it is read) is read once, and the people
+    whose change lies just inside the overlap are ``settled`` for the next poll. A
+    backfill window holds millions, so neither keeps everyone. The tail holds only the
+    people the settled set can take: changed after ``forget_up_to``'s time, which follows
+    the newest change read, so they are those of the last ``overlap`` seconds (and at
+    most ``_TAIL_CAP``). The recent ones (an LRU of ``recent``) catch a repeat from a
+    shifted page. A repeat older than both is read again, and the pipeline drops its
+    events, whose content hashes it already holds (``Pipeline._transform``): a few
+    requests more, nothing sent twice. One left out of the settled set is read again on
+    the next poll: requests again, never a loss.
+    """
+
+    def __init__(self, *, recent: int, tail: bool) -> None:
+        self._recent: OrderedDict[str, datetime | None] = OrderedDict()
+        self._size = recent
+        self._tail: dict[str, datetime] | None = {} if tail else None
+        self._floor: datetime | None = None
+
+    def repeat(self, person_id: str, modified: datetime | None) -> bool:
+        """Whether this person was read in this poll with this change already; else note it."""
+        tail = self._tail
+        if person_id in self._recent or (tail is not None and person_id in tail):
+            before = self._recent.get(person_id, tail.get(person_id) if tail else None)
+            if not _newer(modified, before):
+                return True
+        self._recent[person_id] = modified
+        self._recent.move_to_end(person_id)
+        if len(self._recent) > self._size:
+            self._recent.popitem(last=False)
+        if (
+            tail is not None
+            and modified is not None
+            and (self._floor is None or modified > self._floor)
+            and (person_id in tail or len(tail) < _TAIL_CAP)
+        ):
+            tail[person_id] = modified
+        return False
+
+    def forget_up_to(self, floor: datetime) -> None:
+        """No one changed at or before ``floor`` can be settled any more: drop them."""
+        if self._tail is None or (self._floor is not None and floor <= self._floor):
+            return
+        self._floor = floor
+        self._tail = {p: m for p, m in self._tail.items() if m > floor}
+
+    def settled(self, *, after: datetime, until: datetime) -> dict[str, datetime]:
+        """The people read whose change lies in (after, until]."""
+        return {p: m for p, m in (self._tail or {}).items() if after < m <= until}
+
+
 # --------------------------------------------------------------------------- people stream
 
 
@@ -415,6 +513,11 @@ class AnPeopleStream:
     and a last, empty :class:`Page` carries the new cursor, so the cursor moves only once
     the whole window is durable. With no stored cursor a live stream starts at its first
     signpost minus the overlap: history is a backfill's job.
+
+    A record that cannot be sent rides in its page's ``rejected``, dead-lettered with the
+    page, so it neither stalls the stream nor is lost: one that does not decode (kept as
+    served, keyed by its uuid when that still reads), one without an id, and a person whose
+    taggings or activities can no longer be read (deleted after the people list).
 
     ``backfill_since`` makes a backfill stream: named ``<source>.people.backfill``, it reads
     from that date whatever cursor it is handed, so the live cursor is never touched.
@@ -434,6 +537,7 @@ class AnPeopleStream:
         backfill_since: datetime | None = None,
         own_fields: frozenset[str] = frozenset(),
         own_tags: frozenset[str] = frozenset(),
+        recent: int = RECENT_PEOPLE,
     ) -> None:
         if overlap < 0 or index_lag < 0:
             raise ValueError("overlap and index_lag must not be negative")
@@ -458,6 +562,7 @@ class AnPeopleStream:
         # again with the same modified_date they have nothing new (their activities were
         # read then), so the window's tail does not cost 6 requests each every poll.
         self._settled: dict[str, datetime] = {}
+        self._recent = recent
 
     @classmethod
     def from_config(
@@ -501,43 +606,61 @@ class AnPeopleStream:
             lower = start - self._overlap - _SECOND
         window = f"modified_date gt '{format_utc(lower)}'"
         self._tags.reset()
-        seen: dict[str, datetime | None] = {}
+        # A backfill settles no one (its window always starts at its date): no tail kept.
+        seen = _Seen(recent=self._recent, tail=self._since is None)
         newest: datetime | None = None
         people = 0
         log.info("an_poll_started", window=window, signpost=format_utc(signpost))
-        async for batch in self._client.pages(Person, "/people", filter=window):
+        async for batch in self._client.items(Person, "/people", filter=window):
             events: list[SourceEvent] = []
-            for person in batch:
+            rejected: list[Rejection] = []
+            for bad in batch.unread:
+                key = None if bad.id is None else self._person_key(bad.id)
+                rejected.append(unreadable(self.name, bad.raw, bad.reason, key=key))
+                if bad.id is not None and not seen.repeat(bad.id, None):
+                    # Its activities still count: they reach the contact it already has,
+                    # or wait as dead letters ("no GHL contact") to be replayed once fixed.
+                    events += await self._orphan_activities(bad.id, window, rejected)
+            for person, raw in batch.read:
                 person_id = an_id(person.identifiers, person.links)
                 if person_id is None:
-                    log.warning("an_person_without_id")
+                    reason = f"{batch.where}: a person with no id{_NO_ID}"
+                    rejected.append(unreadable(self.name, raw, reason))
                     continue
                 modified = utc(person.modified_date)
-                if person_id in seen and not _newer(modified, seen[person_id]):
+                if seen.repeat(person_id, modified):
                     continue  # offset paging shifted it onto a later page: same record
-                seen[person_id] = modified
                 if modified is not None:
                     newest = modified if newest is None else max(newest, modified)
                     if self._settled.get(person_id) == modified:
                         continue
                 people += 1
-                events.extend(await self._person_events(person, person_id, window))
-            yield Page(events=events, cursor=None)
-        new_cursor = min(max(newest, start) if newest is not None else start, signpost)
+                try:
+                    events += await self._person_events(person, person_id, window, rejected)
+                except Rejected as exc:
+                    # Listed, then gone (a 404 on its taggings, say): deleted mid-poll.
+                    error = " ".join(str(exc).split())  # one line, whatever the body held
+                    reason = f"{error} (the person was listed, then could not be read)"
+                    key = self._person_key(person_id)
+                    rejected.append(unreadable(self.name, raw, reason, key=key))
+            seen.forget_up_to(_next_cursor(newest, start, signpost) - self._overlap - _SECOND)
+            yield Page(events=events, cursor=None, rejected=rejected)
+        new_cursor = _next_cursor(newest, start, signpost)
         log.info("an_window_read", people=people, cursor=format_utc(new_cursor))
         yield Page(events=[], cursor=format_utc(new_cursor))
         # Reached only once the consumer has committed the cursor page.
         if self._since is None:
             next_lower = new_cursor - self._overlap - _SECOND
-            horizon = signpost - self._overlap
-            self._settled = {
-                pid: m for pid, m in seen.items() if m is not None and next_lower < m <= horizon
-            }
+            self._settled = seen.settled(after=next_lower, until=signpost - self._overlap)
 
     async def _person_events(
-        self, person: Person, person_id: str, window: str
+        self, person: Person, person_id: str, window: str, rejected: list[Rejection]
     ) -> list[SourceEvent]:
-        """The person, then their activities in the window in the order they happened."""
+        """The person, then their activities in the window in the order they happened.
+
+        Records that do not decode go to ``rejected``, but only once the person has been
+        read whole: a sub-read that fails (``Rejected``) leaves nothing of the person.
+        """
         tags = await self._tags.names(await self._client.person_tag_ids(person_id))
         tags = [t for t in tags if t not in self._own_tags]
         key = self._person_key(person_id)
@@ -550,51 +673,69 @@ class AnPeopleStream:
         )
         events = [self._event(key, "person", data, hashed=hashed)]
         if self._activities:
-            found = await self._activities_of(person_id, window)
-            # Source order, so a person's messages reach GHL in the order they happened.
-            found.sort(key=lambda a: (a.created_date or _EPOCH, a.id))
-            events += [self._event(f"{self.source}:{a.type}:{a.id}", "activity", a) for a in found]
+            found, bad = await self._activities_of(person_id, window)
+            events += self._activity_events(found)
+            rejected += bad
         return events
+
+    async def _orphan_activities(
+        self, person_id: str, window: str, rejected: list[Rejection]
+    ) -> list[SourceEvent]:
+        """The activities of a person whose own record did not decode."""
+        if not self._activities:
+            return []
+        try:
+            found, bad = await self._activities_of(person_id, window)
+        except Rejected as exc:
+            log.warning("an_activities_unread", person_id=person_id, error=str(exc))
+            return []
+        rejected += bad
+        return self._activity_events(found)
+
+    def _activity_events(self, found: list[ActivityData]) -> list[SourceEvent]:
+        # Source order, so a person's messages reach GHL in the order they happened.
+        found.sort(key=lambda a: (a.created_date or _EPOCH, a.id))
+        return [self._event(self._activity_key(a.type, a.id), "activity", a) for a in found]
 
     # ----------------------------------------------------------------- activities
 
-    async def _activities_of(self, person_id: str, window: str) -> list[ActivityData]:
+    async def _activities_of(
+        self, person_id: str, window: str
+    ) -> tuple[list[ActivityData], list[Rejection]]:
+        """A person's records in the window, and those of them that cannot be sent."""
         found: list[ActivityData] = []
+        rejected: list[Rejection] = []
         for kind, (records, collection, rel) in ACTIVITY_TYPES.items():
             path = f"/people/{_q(person_id)}/{records}"
-            async for batch in self._client.pages(Record, path, filter=window):
-                for record in batch:
+            async for batch in self._client.items(Record, path, filter=window):
+                for bad in batch.unread:
+                    key = None if bad.id is None else self._activity_key(kind, bad.id)
+                    rejected.append(unreadable(self.name, bad.raw, bad.reason, key=key))
+                for record, raw in batch.read:
+                    record_id = an_id(record.identifiers, record.links)
+                    if record_id is None:
+                        reason = f"{batch.where}: a {kind} with no id{_NO_ID}"
+                        rejected.append(unreadable(self.name, raw, reason))
+                        continue
                     ref = href_id(record.links, rel)
                     action_id = ref[1] if ref is not None and ref[0] == collection else None
                     action = None
                     if action_id is not None:
                         action = await self._actions.get(collection, action_id)
-                    data = self._activity(kind, record, person_id, action_id, action)
-                    if data is not None:
-                        found.append(data)
-        return found
+                    data = activity_data(
+                        kind,
+                        record,
+                        record_id=record_id,
+                        person_id=person_id,
+                        person_key=self._person_key(person_id),
+                        action_id=action_id,
+                        action=action,
+                    )
+                    found.append(data)
+        return found, rejected
 
-    def _activity(
-        self,
-        kind: ActivityType,
-        record: Record,
-        person_id: str,
-        action_id: str | None,
-        action: Action | None,
-    ) -> ActivityData | None:
-        record_id = an_id(record.identifiers, record.links)
-        if record_id is None:
-            log.warning("an_activity_without_id", type=kind)
-            return None
-        return activity_data(
-            kind,
-            record,
-            record_id=record_id,
-            person_id=person_id,
-            person_key=self._person_key(person_id),
-            action_id=action_id,
-            action=action,
-        )
+    def _activity_key(self, kind: ActivityType, record_id: str) -> str:
+        return f"{self.source}:{kind}:{record_id}"
 
     def _person_key(self, person_id: str) -> str:
         return person_key(self.source, person_id)
@@ -606,6 +747,13 @@ class AnPeopleStream:
 
 
 _EPOCH = datetime.min.replace(tzinfo=UTC)
+_NO_ID = " (no action_network: identifier, no self link), so it cannot be keyed"
+
+
+def _next_cursor(newest: datetime | None, start: datetime, signpost: datetime) -> datetime:
+    """What a window's last page stores: its newest change, never before the start nor
+    past the signpost."""
+    return min(max(newest, start) if newest is not None else start, signpost)
 
 
 def _newer(modified: datetime | None, before: datetime | None) -> bool:

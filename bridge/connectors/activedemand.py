@@ -3,6 +3,10 @@ their new messages (the PROPOSED feeds).
 
 The client lives in :mod:`bridge.connectors.ad_client` and is re-exported here, so
 ``bridge.connectors.activedemand`` is the one module the composition root imports.
+
+A record the client cannot read (bad text, no usable id, a shape that does not fit) goes
+into its page's ``rejected`` list as served, under its usual key when its id could be
+read: it is dead-lettered with the page, and the stream goes on.
 """
 
 from __future__ import annotations
@@ -16,7 +20,7 @@ import structlog
 
 from bridge.clock import Clock
 from bridge.config import ActiveDemandSource
-from bridge.connectors.ad_client import APP_KEY_HEADER, AdClient, AuthMode, Entry
+from bridge.connectors.ad_client import APP_KEY_HEADER, AdClient, AuthMode, BadRecord, Entry
 from bridge.connectors.ad_files import DEFAULT_MAX_ATTACHMENT_BYTES, DEFAULT_MAX_RECORDING_BYTES
 from bridge.connectors.ad_models import (
     ContactData,
@@ -31,7 +35,7 @@ from bridge.connectors.ad_models import (
     message_key,
 )
 from bridge.errors import Rejected
-from bridge.models import NewOp, Page, SourceEvent
+from bridge.models import NewOp, Page, Rejection, SourceEvent, unreadable
 from bridge.streams import (
     Mapper,
     format_utc,
@@ -63,6 +67,7 @@ DEFAULT_SETTLE_AFTER = 86_400.0
 DEFAULT_TRACKED = 10_000
 
 _EPOCH = datetime.min.replace(tzinfo=UTC)
+_MAX_REASON = 500
 
 KnownKeys = Callable[[Sequence[str]], Awaitable[set[str]]]
 """Which of these source keys the bridge already has (delivered or queued): the store's."""
@@ -125,9 +130,13 @@ class AdContactsStream:
     async def pages(self, cursor: str | None) -> AsyncGenerator[Page, None]:
         started = self._clock.monotonic()
         count = 0
-        async for contacts in self._client.contact_pages():
-            count += len(contacts)
-            yield Page(events=[self._event(c) for c in contacts], cursor=None)
+        async for batch in self._client.contact_pages():
+            count += len(batch.items)
+            yield Page(
+                events=[self._event(c) for c in batch.items],
+                cursor=None,
+                rejected=[_rejection(self.name, b, self.source, contact_key) for b in batch.bad],
+            )
         log.info(
             "ad_contacts_scanned",
             contacts=count,
@@ -289,9 +298,10 @@ class AdConversationsStream:
         window = _Window()
         log.info("ad_poll_started", stream=self.name, since=format_utc(start - self._overlap))
         async for batch in self._client.conversation_pages(updated_since=start - self._overlap):
-            fresh = [entry for entry in batch if window.first_sight(entry)]
+            fresh = [entry for entry in batch.items if window.first_sight(entry)]
             conversations = [conversation_data(self.source, e.id, e.value) for e in fresh]
             events = await self._new_contacts(conversations)
+            rejected = [_rejection(self.name, b, self.source, conversation_key) for b in batch.bad]
             learned: list[tuple[str, _Tracked]] = []
             for entry, conversation in zip(fresh, conversations, strict=True):
                 events.append(
@@ -302,12 +312,13 @@ class AdConversationsStream:
                 known = self._tracked.get(entry.id)
                 if known is not None and known.version == entry.version:
                     continue
-                messages, watermark = await self._messages(
+                messages, bad, watermark = await self._messages(
                     conversation, known.watermark if known is not None else None
                 )
                 events += messages
+                rejected += bad
                 learned.append((entry.id, _Tracked(entry.version, watermark)))
-            yield Page(events=events, cursor=None)
+            yield Page(events=events, cursor=None, rejected=rejected)
             # Reached only once the consumer has committed the page: a watermark stored
             # before its messages were durable could skip them after a failed commit.
             for conversation_id, state in learned:
@@ -323,24 +334,35 @@ class AdConversationsStream:
 
     async def _messages(
         self, conversation: ConversationData, since_id: str | None
-    ) -> tuple[list[SourceEvent], str | None]:
-        """The conversation's messages after ``since_id`` as events, and the new watermark."""
+    ) -> tuple[list[SourceEvent], list[Rejection], str | None]:
+        """The conversation's messages after ``since_id`` as events, the ones that cannot
+        be read as rejections, and the new watermark.
+
+        The watermark stops before the first API page holding a bad message, so that
+        message is read again (and delivered, if the source has mended it) the next
+        time the conversation changes.
+        """
         read: list[tuple[str, MessageData]] = []
+        rejected: list[Rejection] = []
+        settled_upto: int | None = None
         async for batch in self._client.message_pages(conversation.id, since_id=since_id):
-            for e in batch:
+            if batch.bad and settled_upto is None:
+                settled_upto = len(read)
+            rejected += (_rejection(self.name, b, self.source, message_key) for b in batch.bad)
+            for e in batch.items:
                 data = message_data(self.source, e.id, e.value, conversation)
                 if data.call is not None and data.call.transcription:
                     data = msgspec.structs.replace(data, transcript=await self._transcript(e.id))
                 read.append((e.id, data))
         now = datetime.fromtimestamp(self._clock.time(), UTC)
         watermark = since_id
-        for message_id, data in read:  # the feed's order, which since_id follows
+        for message_id, data in read[:settled_upto]:  # the feed's order, as since_id is
             if not is_settled(data, now=now, settle_after=self._settle_after):
                 break
             watermark = message_id
         # Source order for GHL; the sort is stable, so equal times keep the feed's order.
         ordered = sorted((data for _, data in read), key=lambda m: m.created or _EPOCH)
-        return [self._message_event(m) for m in ordered], watermark
+        return [self._message_event(m) for m in ordered], rejected, watermark
 
     async def _new_contacts(self, conversations: Sequence[ConversationData]) -> list[SourceEvent]:
         """Contact events for contacts of these conversations the bridge has never seen."""
@@ -406,3 +428,15 @@ class AdConversationsStream:
             return max(start, signpost)
         newest = window.newest if window.newest is not None else start
         return min(max(newest, start), signpost)
+
+
+def _rejection(
+    stream: str, bad: BadRecord, source: str, key: Callable[[str, str], str]
+) -> Rejection:
+    """A record the client could not read, as a dead letter of ``stream``: under its usual
+    key (``key(source, id)``) when its id was readable, else under one made from its bytes."""
+    reason = bad.reason
+    if len(reason) > _MAX_REASON:
+        reason = f"{reason[:_MAX_REASON]}… ({len(reason) - _MAX_REASON} more characters)"
+    record_key = key(source, bad.id) if bad.id is not None else None
+    return unreadable(stream, bad.raw, reason, key=record_key)

@@ -47,7 +47,15 @@ import structlog
 from bridge import rest
 from bridge.clock import Clock
 from bridge.config import ActiveDemandSource
-from bridge.connectors.ad_feeds import FeedConfig, Feeds, KeyedRecord, PageRule, page_records
+from bridge.connectors.ad_feeds import (
+    BadRecord,
+    FeedConfig,
+    FeedPage,
+    Feeds,
+    PageRule,
+    read_one,
+    read_page,
+)
 from bridge.connectors.ad_files import (
     DEFAULT_MAX_ATTACHMENT_BYTES,
     DEFAULT_MAX_RECORDING_BYTES,
@@ -75,6 +83,8 @@ __all__ = [
     "APP_KEY_HEADER",
     "AdClient",
     "AuthMode",
+    "BadRecord",
+    "Batch",
     "Entry",
 ]
 
@@ -99,6 +109,14 @@ class Entry(msgspec.Struct, Generic[T], frozen=True, kw_only=True):
     version: str
     updated: datetime | None
     value: T
+
+
+class Batch(msgspec.Struct, Generic[T], frozen=True, kw_only=True):
+    """One page of a feed: its records read as ``T``, in the feed's order, and those that
+    could not be read (each one a dead letter for the stream, with its reason)."""
+
+    items: list[T]
+    bad: list[BadRecord] = []
 
 
 class _Created(msgspec.Struct, frozen=True, kw_only=True):
@@ -155,6 +173,8 @@ class AdClient:
         self._read_tries = read_tries
         self._form_cache_ttl = form_cache_ttl
         self._form_fields: dict[str, tuple[float, list[FieldDef]]] = {}
+        # Feeds that have served a record with a usable id: see ad_feeds.read_page.
+        self._identified: set[str] = set()
         self._rng = rng or random.Random()  # noqa: S311 - backoff jitter, not cryptography
 
     @classmethod
@@ -184,12 +204,13 @@ class AdClient:
         """Prove the key opens the account (reads the field catalogue), or raise AuthError."""
         await self.contact_fields()
 
-    async def contact_pages(self) -> AsyncGenerator[list[ContactData], None]:
+    async def contact_pages(self) -> AsyncGenerator[Batch[ContactData], None]:
         """Every contact, one API page at a time (no change filter exists)."""
         feed = self.feeds.contacts
         async with contextlib.aclosing(self._walk(feed, "contacts", feed.path, [])) as walk:
-            async for records in walk:
-                yield [contact_data(r.id, r.record) for r in records]
+            async for page in walk:
+                items = [contact_data(r.id, r.record) for r in page.records]
+                yield Batch(items=items, bad=page.bad)
 
     async def contact(self, contact_id: str) -> ContactData | None:
         """PROPOSED ``GET contacts/{id}.json``: one contact, or None when it is a 404.
@@ -197,7 +218,9 @@ class AdClient:
         Only for an account whose ``feeds.contact_path`` is set (Fatal otherwise; callers
         that cannot know should use :meth:`find_contacts`). An account without the
         endpoint would answer 404 for every id, which reads as "no such contact", so the
-        setting must be cleared for it rather than left at the default.
+        setting must be cleared for it rather than left at the default. A contact that
+        cannot be read (bad text, an unusable id) is None too, and logged: the contacts
+        stream dead-letters it when its scan reaches it.
         """
         template = self.feeds.contact_path
         if not template:
@@ -208,15 +231,18 @@ class AdClient:
         path = template.format_map({"contact_id": _q(contact_id)})
         where = self._where("GET", path)
         try:
-            doc = await self._get(object, path, [])
+            response = await self._read(path, [])
         except Rejected as exc:
             if exc.status == 404:
                 return None
             raise
-        if not isinstance(doc, dict):
-            raise Fatal(f"{where}: the answer is not one contact object; check feeds.contact_path")
-        (record,) = page_records([doc], self._one_contact, label="contacts", where=where)
-        return contact_data(record.id, record.record)
+        read = read_one(response.body, self._one_contact, label="contacts", where=where)
+        if isinstance(read, BadRecord):
+            if read.keyless:
+                raise Fatal(f"{read.reason}; check feeds.contact_path and feeds.contacts.id_field")
+            log.warning("ad_contact_unreadable", contact_id=contact_id, reason=read.reason)
+            return None
+        return contact_data(read.id, read.record)
 
     async def find_contacts(self, ids: Collection[str]) -> dict[str, ContactData]:
         """The contacts of ``ids`` that exist, keyed by the id asked for; others are absent.
@@ -237,7 +263,7 @@ class AdClient:
             return found
         async with contextlib.aclosing(self.contact_pages()) as pages:
             async for page in pages:
-                found.update((c.id, c) for c in page if c.id in wanted)
+                found.update((c.id, c) for c in page.items if c.id in wanted)
                 if len(found) == len(wanted):
                     break
         return found
@@ -296,32 +322,42 @@ class AdClient:
 
     async def conversation_pages(
         self, *, updated_since: datetime | None = None
-    ) -> AsyncIterator[list[Entry[WireConversation]]]:
+    ) -> AsyncIterator[Batch[Entry[WireConversation]]]:
         """Conversations changed since a time (every one, if the feed has no filter)."""
         feed = self.feeds.conversations
         query = _since(feed, None if updated_since is None else format_utc(updated_since))
-        async for records in self._walk(feed, "conversations", feed.path, query):
-            yield _typed(WireConversation, records, "conversations")
+        where = self._where("GET", feed.path)
+        async for page in self._walk(feed, "conversations", feed.path, query):
+            yield _typed(WireConversation, page, "conversations", where)
 
     async def message_pages(
         self, conversation_id: str, *, since_id: str | None = None
-    ) -> AsyncIterator[list[Entry[WireMessage]]]:
+    ) -> AsyncIterator[Batch[Entry[WireMessage]]]:
         """A conversation's messages after ``since_id`` (exclusive), in the feed's order."""
         feed = self.feeds.messages
         path = feed.path.format_map({"conversation_id": _q(conversation_id)})
-        async for records in self._walk(feed, "messages", path, _since(feed, since_id)):
-            yield _typed(WireMessage, records, "messages")
+        where = self._where("GET", path)
+        async for page in self._walk(feed, "messages", path, _since(feed, since_id)):
+            yield _typed(WireMessage, page, "messages", where)
 
     async def history_pages(
         self, *, since_id: str | None = None, contact_id: str | None = None
     ) -> AsyncIterator[list[Entry[History]]]:
-        """History entries after ``since_id``, optionally of one contact."""
+        """History entries after ``since_id``, optionally of one contact.
+
+        Only read to find an entry the bridge wrote, so one that cannot be read is
+        logged and skipped: there is no stream to dead-letter it in.
+        """
         feed = self.feeds.histories
         query = _since(feed, since_id)
         if contact_id is not None:
             query.append(("contact_id", contact_id))
-        async for records in self._walk(feed, "histories", feed.path, query):
-            yield _typed(History, records, "histories")
+        where = self._where("GET", feed.path)
+        async for page in self._walk(feed, "histories", feed.path, query):
+            batch = _typed(History, page, "histories", where)
+            for bad in batch.bad:
+                log.warning("ad_record_skipped", feed="histories", id=bad.id, reason=bad.reason)
+            yield batch.items
 
     async def message_status(self, message_id: str) -> MessageStatus:
         """A message's delivery status."""
@@ -398,8 +434,12 @@ class AdClient:
 
     async def _walk(
         self, feed: FeedConfig, label: str, path: str, query: list[tuple[str, str]]
-    ) -> AsyncGenerator[list[KeyedRecord], None]:
-        """Every non-empty page of a feed, until the page rule says it has ended."""
+    ) -> AsyncGenerator[FeedPage, None]:
+        """Every non-empty page of a feed, until the page rule says it has ended.
+
+        Bad records count as records for the rule: a full page with one bad record is
+        still full, so the walk goes on past it.
+        """
         where = self._where("GET", path)
         rule = PageRule(feed, where=where)
         while True:
@@ -408,12 +448,16 @@ class AdClient:
                 paged.append((feed.page_param, str(rule.number)))
             if feed.per_page_param is not None:
                 paged.append((feed.per_page_param, str(feed.per_page)))
-            doc = await self._get(object, path, paged)
-            records = page_records(doc, feed, label=label, where=where)
-            ids = [r.id for r in records]
+            response = await self._read(path, paged)
+            page = read_page(
+                response.body, feed, label=label, where=where, identified=label in self._identified
+            )
+            if page.records:
+                self._identified.add(label)
+            ids = page.ids
             rule.check(ids)
-            if records:
-                yield records
+            if ids:
+                yield page
             adopted = rule.adopted
             if not rule.more(ids):
                 return
@@ -515,23 +559,25 @@ def _since(feed: FeedConfig, value: str | None) -> list[tuple[str, str]]:
     return [(feed.since_param, value)]
 
 
-def _typed(tp: type[T], records: list[KeyedRecord], label: str) -> list[Entry[T]]:
-    """Records decoded as ``tp``; one that does not fit is logged and skipped, not fatal.
+def _typed(tp: type[T], page: FeedPage, label: str, where: str) -> Batch[Entry[T]]:
+    """A page's records decoded as ``tp``; one that does not fit joins the bad ones.
 
     A malformed record is one bad record, not a broken feed: the rest of the page is
-    still delivered. Its id and the reason are logged so it can be chased.
+    still delivered, and the reason names the field (msgspec's ``$.path``).
     """
     entries: list[Entry[T]] = []
-    for record in records:
+    bad = list(page.bad)
+    for record in page.records:
         try:
             value = msgspec.convert(record.record, tp)
         except msgspec.ValidationError as exc:
-            log.warning("ad_record_skipped", feed=label, id=record.id, reason=str(exc))
+            reason = f"{where}: {label} record {record.id}: {exc}"
+            bad.append(BadRecord(id=record.id, raw=record.raw, reason=reason))
             continue
         entries.append(
             Entry(id=record.id, version=record.version, updated=record.updated, value=value)
         )
-    return entries
+    return Batch(items=entries, bad=bad)
 
 
 def _q(segment: str) -> str:

@@ -6,29 +6,37 @@ settings with defaults matching the simulator. When the vendor's collection is s
 operator adjusts ``[sources.activedemand.feeds.*]`` instead of the code. Paging of
 ``contacts.json`` is not documented either (§2), so it is a feed setting too.
 
-This module does no I/O: :func:`page_records` turns one decoded response into keyed
-records and :class:`PageRule` decides when a walk ends or has gone wrong.
+This module does no I/O: :func:`read_page` turns one response body into keyed records and
+bad ones (dead-letter material), and :class:`PageRule` decides when a walk ends or has
+gone wrong.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+import contextlib
+import json
+import re
+from collections.abc import Callable
 from datetime import datetime
 from typing import Annotated, Any
 
 import msgspec
 
-from bridge.errors import Fatal
+from bridge.errors import Fatal, Retryable
 from bridge.models import content_hash
 from bridge.streams import parse_time
 
 __all__ = [
+    "BadRecord",
     "FeedConfig",
+    "FeedPage",
     "Feeds",
     "KeyedRecord",
     "PageRule",
-    "page_records",
     "parse_time",
+    "read_one",
+    "read_page",
+    "read_record",
 ]
 
 _PositiveInt = Annotated[int, msgspec.Meta(gt=0)]
@@ -144,55 +152,384 @@ class KeyedRecord(msgspec.Struct, frozen=True, kw_only=True):
     """One record of a feed page with what the feed config says about it.
 
     ``version`` is the updated field's raw value or, without one, a content hash: equal
-    versions mean the record has not changed. ``updated`` is the parsed timestamp.
+    versions mean the record has not changed. ``updated`` is the parsed timestamp. ``raw``
+    is the record's JSON as served, for a dead letter if it later proves unreadable.
     """
 
     id: str
     version: str
     updated: datetime | None
     record: dict[str, Any]
+    raw: bytes
 
 
-def page_records(doc: object, feed: FeedConfig, *, label: str, where: str) -> list[KeyedRecord]:
-    """The records of one decoded response, keyed; a shape the config does not describe is Fatal.
+class BadRecord(msgspec.Struct, frozen=True, kw_only=True):
+    """A record of a page that cannot be read: its JSON as served, why, and its id if known.
 
-    A wrong envelope or id field is a configuration (or contract) problem that every
-    page would repeat, so the stream stops with the setting to look at.
+    ``keyless`` marks a record that is not an object or has no id field at all: what
+    every record looks like when the ``records`` or ``id_field`` setting is wrong.
     """
-    found = doc
-    for part in feed.records.split(".") if feed.records else ():
-        if not isinstance(found, Mapping) or part not in found:
-            raise Fatal(
-                f"{where}: no {feed.records!r} in the response; check feeds.{label}.records"
-            )
-        found = found[part]
-    if found is None:
-        return []
-    if not isinstance(found, list):
-        hint = "set" if feed.records is None else "check"
-        raise Fatal(f"{where}: records are not a list; {hint} feeds.{label}.records")
-    return [_keyed(item, feed, label, where) for item in found]
+
+    id: str | None
+    raw: bytes
+    reason: str
+    keyless: bool = False
+
+    @property
+    def identity(self) -> str:
+        """Its id, or a digest of its bytes: what tells it apart on a page."""
+        return self.id if self.id is not None else "#" + content_hash(self.raw)
 
 
-def _keyed(item: object, feed: FeedConfig, label: str, where: str) -> KeyedRecord:
+class FeedPage(msgspec.Struct, frozen=True, kw_only=True):
+    """One response of a feed: the records read, and those that could not be."""
+
+    records: list[KeyedRecord]
+    bad: list[BadRecord]
+
+    @property
+    def ids(self) -> list[str]:
+        """Every record's identity, good and bad, for the page rule's size and repeat tests."""
+        return [r.id for r in self.records] + [b.identity for b in self.bad]
+
+
+def read_page(
+    body: bytes, feed: FeedConfig, *, label: str, where: str, identified: bool = False
+) -> FeedPage:
+    """The records of one response body, keyed, and the ones that are bad.
+
+    A record that is not an object, has no usable id, an unreadable updated field, or
+    bytes that are not valid JSON (invalid UTF-8, a lone surrogate escape) is a
+    :class:`BadRecord`, to be dead-lettered while the rest of the page goes on.
+
+    What only a wrong config (or contract) explains is :class:`Fatal`, since every page
+    would repeat it: no object at the ``records`` path, records that are not a list, or
+    a non-empty page on which no record is an object carrying the id field at all. That
+    last rule cannot tell a wrong ``id_field`` from one broken record alone on its page,
+    so once the feed has served an identified record (``identified``, which the caller
+    tracks and a wrong setting never lets happen) such a page is read as bad records.
+
+    A body that cannot be split into records at all (cut short, or malformed between
+    records) is :class:`Retryable`, as a bad body always was: nothing on it can be
+    told apart, so nothing is dead-lettered.
+    """
+    items = _split(body, feed, label=label, where=where)
+    records: list[KeyedRecord] = []
+    bad: list[BadRecord] = []
+    for raw in items:
+        read = read_record(raw, feed, label=label, where=where)
+        if isinstance(read, BadRecord):
+            bad.append(read)
+        else:
+            records.append(read)
+    if bad and not records and not identified and all(b.keyless for b in bad):
+        raise Fatal(
+            f"{where}: no record of {len(bad)} has {feed.id_field!r}; "
+            f"check feeds.{label}.id_field and feeds.{label}.records"
+        )
+    return FeedPage(records=records, bad=bad)
+
+
+def read_record(raw: bytes, feed: FeedConfig, *, label: str, where: str) -> KeyedRecord | BadRecord:
+    """One record from its JSON as served: keyed, or bad with a one-line reason."""
+    try:
+        item = _RECORD.decode(raw)
+    except (msgspec.DecodeError, UnicodeDecodeError, RecursionError) as exc:
+        return _undecodable(raw, exc, feed, label=label, where=where)
     if not isinstance(item, dict):
-        raise Fatal(f"{where}: a record is not an object; check feeds.{label}.records")
-    raw_id = item.get(feed.id_field)
-    if raw_id is None or isinstance(raw_id, bool | dict | list) or raw_id == "":
-        raise Fatal(f"{where}: a record has no {feed.id_field!r}; check feeds.{label}.id_field")
+        return BadRecord(
+            id=None,
+            raw=raw,
+            reason=f"{where}: a {label} record is {_kind(item)}, not an object",
+            keyless=True,
+        )
+    if feed.id_field not in item:
+        return BadRecord(
+            id=None,
+            raw=raw,
+            reason=f"{where}: a {label} record has no {feed.id_field!r} field",
+            keyless=True,
+        )
+    record_id = _usable_id(item[feed.id_field])
+    if record_id is None:
+        return BadRecord(
+            id=None,
+            raw=raw,
+            reason=f"{where}: a {label} record's {feed.id_field!r} is "
+            f"{_kind(item[feed.id_field])}, not an id",
+        )
     updated: datetime | None = None
     if feed.updated_field is not None:
-        raw = item.get(feed.updated_field)
-        updated = parse_time(raw)
-        if updated is None and raw is not None:
-            raise Fatal(
-                f"{where}: {feed.updated_field!r} is not a timestamp; "
-                f"check feeds.{label}.updated_field"
+        value = item.get(feed.updated_field)
+        updated = _time(value)
+        if updated is None and value is not None:
+            return BadRecord(
+                id=record_id,
+                raw=raw,
+                reason=f"{where}: {label} record {record_id}: {feed.updated_field!r} is "
+                f"{_kind(value)} that is not a timestamp",
             )
-        version = "" if raw is None else str(raw)
+        version = "" if value is None else str(value)
     else:
         version = content_hash(_ENCODER.encode(item))
-    return KeyedRecord(id=str(raw_id), version=version, updated=updated, record=item)
+    return KeyedRecord(id=record_id, version=version, updated=updated, record=item, raw=raw)
+
+
+def read_one(body: bytes, feed: FeedConfig, *, label: str, where: str) -> KeyedRecord | BadRecord:
+    """A single-record answer (one bare object), read like one element of a page.
+
+    A body that is not one JSON value at all is :class:`Retryable`, as a garbled list is.
+    """
+    read = read_record(body, feed, label=label, where=where)
+    if isinstance(read, BadRecord) and not read.keyless:
+        start = _skip(body, 0)
+        try:
+            end = _value_end(body, start)
+        except _Unsplittable as exc:
+            raise Retryable(f"{where}: the body is not one JSON value ({exc})") from None
+        if _skip(body, end) != len(body):
+            raise Retryable(f"{where}: the body is not one JSON value (bytes after it)")
+    return read
+
+
+_RECORD = msgspec.json.Decoder()
+_OBJECT = msgspec.json.Decoder(dict[str, msgspec.Raw])
+_LIST = msgspec.json.Decoder(list[msgspec.Raw] | None)
+# The standard library's parser reads a lone surrogate escape (and, on text decoded with
+# surrogateescape, invalid UTF-8) that msgspec refuses: used only to say what is wrong.
+_LENIENT = json.JSONDecoder()
+_SPACE = re.compile(rb"[ \t\n\r]*")
+_STRING = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"', re.DOTALL)
+_ATOM = re.compile(rb'[^ \t\n\r,:\[\]{}"]+')
+_OPEN = {ord("["): ord("]"), ord("{"): ord("}")}
+_CLOSE = frozenset(_OPEN.values())
+_QUOTE = ord('"')
+_GAP = frozenset(b" \t\n\r,:")
+
+
+class _Unsplittable(ValueError):
+    """The body is not JSON whose records can be told apart."""
+
+
+def _split(body: bytes, feed: FeedConfig, *, label: str, where: str) -> list[bytes]:
+    """Each record's JSON as served, from the list at the feed's ``records`` path.
+
+    msgspec splits a valid body into raw records without checking their text, so
+    invalid UTF-8 inside one record costs only that record. A body msgspec refuses as a
+    whole (a lone surrogate escape anywhere, NaN, nesting deeper than the recursion
+    limit) is split by :func:`_scan`, which only matches quotes and brackets, so each
+    record is then judged on its own.
+    """
+    parts = feed.records.split(".") if feed.records else []
+    try:
+        doc: bytes | msgspec.Raw = body
+        for part in parts:
+            try:
+                members = _OBJECT.decode(doc)
+            except msgspec.ValidationError:
+                raise _no_records(feed, label, where) from None
+            if part not in members:
+                raise _no_records(feed, label, where)
+            doc = members[part]
+        try:
+            found = _LIST.decode(doc)
+        except msgspec.ValidationError:
+            raise _not_a_list(feed, label, where) from None
+        return [] if found is None else [bytes(item) for item in found]
+    except (msgspec.DecodeError, UnicodeDecodeError, RecursionError) as exc:
+        failure = exc
+    try:
+        return _scan(body, parts, feed)
+    except _Unsplittable as exc:
+        raise Retryable(
+            f"{where}: the body cannot be split into records ({_why(failure)}; {exc})"
+        ) from None
+
+
+def _scan(body: bytes, parts: list[str], feed: FeedConfig) -> list[bytes]:
+    """The records' spans in a body msgspec refuses, checked only for matching quotes,
+    brackets and separators between records.
+
+    A body that is not JSON at all (a proxy's error page) cannot show a config mismatch,
+    so its shape is never Fatal here, only unsplittable.
+    """
+    pos = _skip(body, 0)
+    for part in parts:
+        member = _member(body, pos, part)
+        if member is None:
+            raise _Unsplittable(f"no {feed.records!r} in it")
+        pos = member
+    if body.startswith(b"null", pos):
+        return []
+    if not body.startswith(b"[", pos):
+        raise _Unsplittable("its records are not a list")
+    items: list[bytes] = []
+    pos = _skip(body, pos + 1)
+    if body.startswith(b"]", pos):
+        return items
+    while True:
+        end = _value_end(body, pos)
+        items.append(body[pos:end])
+        pos = _skip(body, end)
+        if body.startswith(b"]", pos):
+            return items
+        if not body.startswith(b",", pos):
+            raise _Unsplittable(f"no ',' or ']' after a record at byte {pos}")
+        pos = _skip(body, pos + 1)
+
+
+def _member(body: bytes, pos: int, name: str) -> int | None:
+    """Where the value of member ``name`` of the object at ``pos`` starts (the last one,
+    as msgspec reads a repeated name); None if there is no object or no such member."""
+    if not body.startswith(b"{", pos):
+        return None
+    found: int | None = None
+    pos = _skip(body, pos + 1)
+    if body.startswith(b"}", pos):
+        return None
+    while True:
+        key = _STRING.match(body, pos)
+        if key is None:
+            raise _Unsplittable(f"no member name at byte {pos}")
+        pos = _skip(body, key.end())
+        if not body.startswith(b":", pos):
+            raise _Unsplittable(f"no ':' at byte {pos}")
+        pos = _skip(body, pos + 1)
+        with contextlib.suppress(ValueError):
+            if _LENIENT.decode(key.group().decode("utf-8", "surrogateescape")) == name:
+                found = pos
+        pos = _skip(body, _value_end(body, pos))
+        if body.startswith(b"}", pos):
+            return found
+        if not body.startswith(b",", pos):
+            raise _Unsplittable(f"no ',' or '}}' after a member at byte {pos}")
+        pos = _skip(body, pos + 1)
+
+
+def _value_end(body: bytes, pos: int) -> int:
+    """Where the JSON value starting at ``pos`` ends, by quotes and brackets alone (no
+    recursion, so no depth limit); what is between them is left to the decoder."""
+    closers: list[int] = []
+    while True:
+        if pos >= len(body):
+            raise _Unsplittable("the body ends inside a value")
+        byte = body[pos]
+        if byte == _QUOTE:
+            string = _STRING.match(body, pos)
+            if string is None:
+                raise _Unsplittable(f"a string at byte {pos} is not closed")
+            pos = string.end()
+        elif byte in _OPEN:
+            closers.append(_OPEN[byte])
+            pos += 1
+        elif byte in _CLOSE:
+            if not closers or closers.pop() != byte:
+                raise _Unsplittable(f"a bracket at byte {pos} closes nothing open")
+            pos += 1
+        elif closers and byte in _GAP:
+            pos += 1
+        else:
+            atom = _ATOM.match(body, pos)
+            if atom is None:
+                raise _Unsplittable(f"an unexpected byte at {pos}")
+            pos = atom.end()
+        if not closers:
+            return pos
+
+
+def _skip(body: bytes, pos: int) -> int:
+    match = _SPACE.match(body, pos)
+    return pos if match is None else match.end()
+
+
+def _undecodable(
+    raw: bytes, exc: Exception, feed: FeedConfig, *, label: str, where: str
+) -> BadRecord:
+    """A record msgspec refuses, with its id and the bad field when the lenient parser
+    can read them (the id only if it is itself clean text)."""
+    try:
+        item = _LENIENT.decode(raw.decode("utf-8", "surrogateescape"))
+    except (ValueError, RecursionError):
+        item = None
+    record_id = _usable_id(item.get(feed.id_field)) if isinstance(item, dict) else None
+    if record_id is not None and _has_surrogate(record_id):
+        record_id = None
+    named = record_id if record_id is not None else "(id unreadable)"
+    if isinstance(exc, RecursionError):
+        why = "nested too deeply to read"
+    else:
+        at = _surrogate_path(item)
+        if at is None:
+            why = f"not valid JSON: {_why(exc)}"
+        elif isinstance(exc, UnicodeDecodeError):
+            why = f"{at} holds invalid UTF-8"
+        else:
+            why = f"{at} holds a lone surrogate escape (\\ud800-\\udfff)"
+    return BadRecord(id=record_id, raw=raw, reason=f"{where}: {label} record {named}: {why}")
+
+
+def _has_surrogate(text: str) -> bool:
+    return any("\ud800" <= char <= "\udfff" for char in text)
+
+
+def _surrogate_path(value: object) -> str | None:
+    """The ``$.path`` of the first text holding a surrogate (a bad byte, under
+    surrogateescape, or a lone surrogate escape); for a field name, its object's path."""
+    stack: list[tuple[str, object]] = [("$", value)]
+    while stack:
+        path, here = stack.pop()
+        if isinstance(here, str):
+            if _has_surrogate(here):
+                return path
+        elif isinstance(here, dict):
+            for key, child in reversed(list(here.items())):
+                if _has_surrogate(key):
+                    return f"a field name in {path}"
+                stack.append((f"{path}.{key}", child))
+        elif isinstance(here, list):
+            stack.extend((f"{path}[{i}]", child) for i, child in reversed(list(enumerate(here))))
+    return None
+
+
+def _usable_id(value: object) -> str | None:
+    if value is None or isinstance(value, bool | dict | list) or value == "":
+        return None
+    return str(value)
+
+
+def _time(value: object) -> datetime | None:
+    try:
+        return parse_time(value)
+    except (OverflowError, OSError, ValueError):
+        return None  # an epoch beyond what datetime can hold
+
+
+def _why(exc: Exception) -> str:
+    if isinstance(exc, UnicodeDecodeError):
+        return f"invalid UTF-8 (byte 0x{exc.object[exc.start]:02x})"
+    return str(exc)
+
+
+def _kind(value: object) -> str:
+    """What a JSON value is, in words, without its content (which may be huge or personal)."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, int | float):
+        return "a number"
+    if isinstance(value, str):
+        return "an empty string" if not value else "a string"
+    return "a list" if isinstance(value, list) else "an object"
+
+
+def _no_records(feed: FeedConfig, label: str, where: str) -> Fatal:
+    return Fatal(f"{where}: no {feed.records!r} in the response; check feeds.{label}.records")
+
+
+def _not_a_list(feed: FeedConfig, label: str, where: str) -> Fatal:
+    hint = "set" if feed.records is None else "check"
+    return Fatal(f"{where}: records are not a list; {hint} feeds.{label}.records")
 
 
 class PageRule:
