@@ -8,6 +8,10 @@ simulator served here; the time is taken from just before the spawn to the READY
 datagram. Then the parts: the interpreter alone, ``import bridge.cli``, opening the
 store, and the token and scope check, each timed on its own, and the daemon's own log
 (``app_ready``, ``service_ready``) read against the spawn time.
+
+Each timed start begins with no budget report in the state file, as after a stop more than
+a GHL window ago; one more start right after a stop shows the other case, where the daemon
+first waits out what the previous process may still have counting at GHL.
 """
 
 from __future__ import annotations
@@ -79,13 +83,19 @@ async def main(args: argparse.Namespace) -> int:
             await fill_state(state, args.rows)
             made = time.perf_counter() - made
             size = state.stat().st_size
-            starts = [await time_start(config) for _ in range(args.runs)]
+            starts = []
+            for _ in range(args.runs):
+                forget_budgets(state)
+                starts.append(await time_start(config))
+            restart = await time_start(config)  # the last start's budget report is fresh
             parts = await time_parts(config, args.runs)
     ready = [s["ready"] for s in starts]
     rows: list[list[object]] = [
         ["exec -> READY=1 (median)", statistics.median(ready), f"< {TARGET:g}",
          verdict(statistics.median(ready) < TARGET)],
         ["exec -> READY=1 (min / max)", f"{min(ready):.3f} / {max(ready):.3f}", "", ""],
+        ["exec -> READY=1 right after a stop (waits out its budget: a window)",
+         restart["ready"], "", ""],
         ["  exec -> app_ready in the log (imports, config, store open)",
          statistics.median(s["app_ready"] for s in starts), "", ""],
         ["  app_ready -> READY=1 (prune, token + scope check)",
@@ -132,6 +142,12 @@ async def fill_state(path: Path, rows: int) -> None:
         conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
 
 
+def forget_budgets(path: Path) -> None:
+    """Drop the budget report of the last start, so the next one does not wait it out."""
+    with sqlite3.connect(path) as conn:
+        conn.execute("DELETE FROM budgets")
+
+
 async def time_start(config: Path) -> dict[str, float]:
     """Start ``bridge run`` until READY=1, then stop it; times since the spawn, seconds."""
     sock_dir = tempfile.mkdtemp(prefix="bs", dir="/tmp")  # sun_path holds 108 bytes
@@ -156,8 +172,8 @@ async def time_start(config: Path) -> dict[str, float]:
                 if b"READY=1" in message.split(b"\n"):
                     ready = time.perf_counter() - spawned
                     break
-            # READY=1 goes out just before the stop signals are handled: a SIGTERM right
-            # now would kill the daemon outright. Its next log line says it is past that.
+            # The stop signals are handled from the start, so SIGTERM could go now; the
+            # log lines are read first only for their times.
             times = {"ready": ready, **await logged_times(log, spawned_wall)}
         finally:
             proc.send_signal(signal.SIGTERM)

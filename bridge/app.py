@@ -5,9 +5,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import math
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Coroutine, Mapping, Sequence
 from datetime import datetime
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import msgspec
@@ -37,7 +38,6 @@ from bridge.flows.action_network import ActionNetworkFlow
 from bridge.flows.activedemand import ActiveDemandFlow
 from bridge.flows.reverse import ReverseFlow
 from bridge.models import BudgetRow, NewOp, SourceEvent
-from bridge.observability.http import serve
 from bridge.observability.logs import configure_output
 from bridge.observability.metrics import Metrics, Snapshot
 from bridge.observability.service import ServiceView
@@ -54,7 +54,16 @@ from bridge.streams import Mapper
 log = structlog.get_logger("bridge.app")
 
 BUDGET_REPORT_INTERVAL = 5.0
-"""How often the daemon writes its bucket states for ``bridge status`` and sends STATUS=."""
+"""How often the daemon sends STATUS=; ``bridge cursor`` takes budgets written within three
+of these as a sign that the daemon runs."""
+
+BUDGET_SAVE_INTERVAL = 1.0
+"""How often the daemon writes its bucket states, for ``bridge status`` and the next start."""
+
+BUDGET_SAVE_SILENCE = 3.0
+"""The longest a running daemon goes without writing its bucket states: the interval, the
+supervisor's one-second sleep, and a slow write. ``bridge run`` assumes a previous process
+sent nothing later than this after its last write (see :meth:`App.restore_budgets`)."""
 
 DRAIN_TIMEOUT_MARGIN = 15.0
 """Asked of systemd on top of the drain grace while draining: closing the store and session."""
@@ -204,11 +213,16 @@ def build_limiters(config: Config, clock: Clock) -> Limiters:
 
 
 class GhlLocationParts(msgspec.Struct, frozen=True, kw_only=True):
-    """What the daemon holds per GHL location."""
+    """What the daemon holds per GHL location.
+
+    ``session`` is the location's own, with its configured ``timeout``: its API calls,
+    token refreshes and start-up probes all go through it.
+    """
 
     config: GhlLocation
     auth: TokenSource
     client: GhlClient
+    session: aiohttp.ClientSession
 
 
 class App:
@@ -264,6 +278,7 @@ class App:
             stall_timeout=float(config.pipeline.stall_timeout),
         )
         self.metrics.watch(self.snapshot)
+        self._stopping = asyncio.Event()
 
     async def check_locations_of(
         self, locations: Sequence[GhlLocationParts]
@@ -274,7 +289,7 @@ class App:
             loc = parts.config
             with structlog.contextvars.bound_contextvars(location=loc.name):
                 results[loc.name] = await check_location(
-                    self.session,
+                    parts.session,
                     name=loc.name,
                     base_url=loc.base_url,
                     location_id=loc.location_id,
@@ -327,23 +342,91 @@ class App:
         """Run the pipeline with signal handling, the health listener and the supervisor.
 
         READY=1 goes to systemd once the state is open and every location's token has
-        been checked (a location that failed is down, and says so in STATUS=).
+        been checked (a location that failed is down, and says so in STATUS=). Stop and
+        reload signals are handled from the very start: a stop during the start-up checks
+        ends them (see :meth:`_unless_stopped`) and returns without starting the pipeline
+        or sending READY=1; a stop after READY=1 drains. ``bridge run`` first holds back
+        what the previous process may still have counting at the APIs.
         """
-        async with self._listening():
-            await self.store.prune_done(before=self.clock.time() - DONE_RETENTION)
-            await self.verify_locations()
-            self.view.ready = True
-            self.notifier.ready(self.view.status_line())
-            log.info("service_ready", status=self.view.status_line())
+        with install_stop_signals(self), install_reload_signal(self.reload):
+            if not once:
+                await self.restore_budgets()
+            # From here on the buckets are written every second, the start-up probes'
+            # requests included, so that a kill at any point leaves a recent report.
             supervisor = asyncio.create_task(self._supervise(), name="supervisor")
+            supervisor.add_done_callback(self._supervisor_done)
             try:
-                with install_stop_signals(self.pipeline), install_reload_signal(self.reload):
+                async with self._listening():
+                    await self.store.prune_done(before=self.clock.time() - DONE_RETENTION)
+                    if not await self._unless_stopped(self.verify_locations()):
+                        log.info("start_abandoned", reason="stop requested during start-up")
+                        return self.pipeline.summary
+                    self.view.ready = True
+                    self.notifier.ready(self.view.status_line())
+                    log.info("service_ready", status=self.view.status_line())
                     return await self.pipeline.run(once=once)
             finally:
                 supervisor.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await supervisor
+                await asyncio.wait({supervisor})
                 await self.save_budgets()
+                failure = None if supervisor.cancelled() else supervisor.exception()
+                if failure is not None:
+                    raise failure
+
+    def request_stop(self) -> None:
+        """SIGTERM/SIGINT: end the start-up checks, or stop intake and drain (signal-safe)."""
+        self._stopping.set()
+        self.pipeline.request_stop()
+
+    async def _unless_stopped(self, checks: Coroutine[Any, Any, None]) -> bool:
+        """Run ``checks`` to the end (True), unless a stop is requested first (False).
+
+        The checks are then cancelled, which is safe: the probes write nothing, a health
+        write rolls back, and an OAuth refresh under way commits its pair first
+        (:meth:`bridge.connectors.ghl.auth.OAuthTokens.refresh`).
+        """
+        task = asyncio.ensure_future(checks)
+        stopping = asyncio.ensure_future(self._stopping.wait())
+        try:
+            await asyncio.wait({task, stopping}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            stopping.cancel()
+            if not task.done():
+                task.cancel()
+                await asyncio.wait({task})
+        if self._stopping.is_set():
+            if not task.cancelled():
+                task.exception()  # retrieved, not raised: whatever it was, we are stopping
+            return False
+        task.result()
+        return True
+
+    async def restore_budgets(self) -> None:
+        """Hold back, bucket by bucket, what the previous process may still have counting.
+
+        systemd restarts a killed daemon 5 s later, well inside GHL's 10 s window, and
+        what the killed process sent after its last bucket report is unknown; so a bucket
+        reported less than one window plus :data:`BUDGET_SAVE_SILENCE` ago starts empty
+        and fills when that has passed (:meth:`TokenBucket.resume`). A reverse stream's
+        share is not restored on its own: each of its requests also takes a parent token.
+        """
+        for row in await self.store.budgets():
+            bucket = self.limiters.find(row.api, row.tenant)
+            if bucket is None:
+                continue
+            held = bucket.resume(
+                reported_at=row.updated_at,
+                silence=BUDGET_SAVE_SILENCE,
+                used_today=row.used_today,
+                paused_until=row.paused_until,
+            )
+            if held > 0:
+                log.info(
+                    "budget_held_from_last_run",
+                    api=row.api,
+                    tenant=row.tenant,
+                    seconds=round(held, 1),
+                )
 
     @contextlib.asynccontextmanager
     async def _listening(self) -> AsyncIterator[None]:
@@ -351,24 +434,38 @@ class App:
         if not self.config.http.listen:
             yield
             return
+        # Imported only here: aiohttp.web costs start-up time that a daemon without a
+        # listener would spend for nothing.
+        from bridge.observability.http import serve
+
         host, port = listen_address(self.config.http.listen)
         async with serve(self.view, self.metrics, host=host, port=port):
             yield
 
     async def _supervise(self) -> None:
-        """Feed the watchdog while alive; write budgets and STATUS= every few seconds."""
+        """Write budgets every second; once ready, feed the watchdog and send STATUS=."""
         interval = self.notifier.watchdog_interval
-        next_ping = next_report = 0.0
+        next_ping = next_save = next_status = 0.0
         while True:
             now = self.clock.monotonic()
-            if interval is not None and now >= next_ping and self.view.alive():
-                self.notifier.watchdog()
-                next_ping = now + interval
-            if now >= next_report:
+            if now >= next_save:
                 await self.save_budgets()
-                self.notifier.status(self.view.status_line())
-                next_report = now + BUDGET_REPORT_INTERVAL
+                next_save = now + BUDGET_SAVE_INTERVAL
+            if self.view.ready:
+                if interval is not None and now >= next_ping and self.view.alive():
+                    self.notifier.watchdog()
+                    next_ping = now + interval
+                if now >= next_status:
+                    self.notifier.status(self.view.status_line())
+                    next_status = now + BUDGET_REPORT_INTERVAL
             await asyncio.sleep(1.0 if interval is None else min(1.0, interval))
+
+    def _supervisor_done(self, task: asyncio.Task[None]) -> None:
+        # A dead supervisor would leave the budgets unwritten while the pipeline spends
+        # them, and a restart would then trust an old report: stop, and fail loudly.
+        if not task.cancelled() and task.exception() is not None:
+            log.error("task_failed", task=task.get_name(), error=str(task.exception()))
+            self.request_stop()
 
     def _draining(self, in_flight: int, grace: float) -> None:
         self.notifier.stopping(f"draining {in_flight} op(s) in flight, up to {grace:g} s")
@@ -476,29 +573,39 @@ async def open_app(
     mappers = {name: LiveMapper(m) for name, m in flow_mappers(flows).items()}
     for secret in config.secret_values():
         register_secret(secret)
-    async with Store.open(config.state.path) as store, make_session() as session:
+    async with (
+        Store.open(config.state.path) as store,
+        make_session() as session,
+        contextlib.AsyncExitStack() as sessions,
+    ):
         limiters = build_limiters(config, clock)
         streams: list[Stream] = []
         targets: dict[str, Target] = {}
         locations = []
         for loc in config.ghl.locations:
-            auth = token_source(loc, store=store, session=session, clock=clock)
+            # Its own session, so that its configured timeout bounds every call it makes.
+            loc_session = await sessions.enter_async_context(
+                make_session(timeout=float(loc.timeout))
+            )
+            auth = token_source(loc, store=store, session=loc_session, clock=clock)
             client = GhlClient(
-                session,
+                loc_session,
                 base_url=loc.base_url,
                 location_id=loc.location_id,
                 bucket=limiters.get("ghl", loc.name),
                 auth=auth,
                 clock=clock,
             )
-            locations.append(GhlLocationParts(config=loc, auth=auth, client=client))
+            locations.append(
+                GhlLocationParts(config=loc, auth=auth, client=client, session=loc_session)
+            )
             targets[ghl_target_name(loc.name)] = GhlTarget(client, store, clock=clock)
             if loc.name in flows.reverse and backfill is None:
                 share = ShareOf(
                     limiters.get("ghl", loc.name), fraction=loc.reverse.share, clock=clock
                 )
                 reader = GhlClient(
-                    session,
+                    loc_session,
                     base_url=loc.base_url,
                     location_id=loc.location_id,
                     bucket=share,

@@ -18,31 +18,25 @@ import msgspec
 
 from bridge import __version__
 from bridge.app import App, compile_flows, open_app, stream_names
-from bridge.checks import live_checks
 from bridge.clock import SystemClock
 from bridge.config import Config, OAuthAuth, load_config
 from bridge.connectors.ghl.auth import OAuthTokens
-from bridge.connectors.ghl.login import login
 from bridge.cursor_cmd import add_cursor_parser, run_cursor
-from bridge.demo import demo
 from bridge.errors import EX_CONFIG, EX_USAGE, ConfigError, Fatal
 from bridge.models import DeadLetter, content_hash
 from bridge.observability.logs import configure_logging, configure_output
 from bridge.observability.tail import add_tail_parser, run_tail
-from bridge.preview import map_preview
-from bridge.progress import ProgressSnapshot, show_progress
 from bridge.redact import redact
 from bridge.rest import make_session
-from bridge.sim.actionnetwork import build_app as build_an_app
-from bridge.sim.activedemand import build_app as build_ad_app
-from bridge.sim.ad_data import build_sim as build_ad_sim
-from bridge.sim.an_data import build_sim as build_an_sim
-from bridge.sim.common import run_forever
-from bridge.sim.ghl import build_app as build_ghl_app
-from bridge.sim.ghl_state import GhlSim
 from bridge.status import status as status_report
 from bridge.store import Store
 from bridge.summary import has_activity, summary_text
+
+# Imported where they are used, not here: `bridge run` needs none of them, and start-up
+# time is import time (bench/startup.py). bridge.demo and bridge.sim.* serve `demo` and
+# `sim`; bridge.progress (rich) the progress display of `once` and `backfill`;
+# bridge.connectors.ghl.login (aiohttp.web) `auth login`; bridge.checks `check`;
+# bridge.preview `map preview`. tests/test_cli.py and tests/test_service.py check `run`.
 
 DEFAULT_CONFIG = "/etc/bridge/config.toml"
 EXIT_FAILED = 1
@@ -198,6 +192,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "tail":  # reads logs, not the config
         return run_tail(args, sys.stdin, sys.stdout)
     if args.command == "demo":
+        from bridge.demo import demo
+
         configure_logging(level="info" if args.verbose else "warning", fmt="console")
         return asyncio.run(demo(sys.stdout, people=args.people, verbose=args.verbose))
     # Absolute now: SIGHUP reads it again, whatever the working directory is by then.
@@ -245,6 +241,8 @@ async def _dispatch(args: argparse.Namespace, config: Config, out: TextIO) -> in
     if command == "auth":
         return await _auth_login(config, args.location, args.code, out)
     if command == "map":
+        from bridge.preview import map_preview
+
         return await map_preview(
             config, args.source, out, limit=args.limit, activities=args.activities
         )
@@ -275,6 +273,8 @@ async def _run_with_progress(app: App, args: argparse.Namespace) -> Any:
     once = args.command in ("once", "backfill")
     if not once or args.no_progress:
         return await app.run(once=once)
+    from bridge.progress import ProgressSnapshot, show_progress  # rich: only for this display
+
     pipeline = app.pipeline
     ghl = [b for b in app.limiters.states() if b.api == "ghl"]
     budget = sum(b.capacity / b.window for b in ghl)
@@ -312,6 +312,8 @@ async def _check(config: Config, out: TextIO, *, offline: bool) -> int:
     )
     if offline:
         return 0
+    from bridge.checks import live_checks
+
     async with open_app(config) as app:
         ok = await live_checks(app, out)
     return 0 if ok else EXIT_FAILED
@@ -332,7 +334,12 @@ async def _auth_login(config: Config, name: str, code: str | None, out: TextIO) 
     if not isinstance(location.auth, OAuthAuth):
         print(f"bridge: location {name!r} uses a private token; it needs no login", file=sys.stderr)
         return EX_USAGE
-    async with Store.open(config.state.path) as store, make_session() as session:
+    from bridge.connectors.ghl.login import login  # aiohttp.web: only for this
+
+    async with (
+        Store.open(config.state.path) as store,
+        make_session(timeout=float(location.timeout)) as session,
+    ):
         tokens = OAuthTokens(
             location, location.auth, store=store, session=session, clock=SystemClock()
         )
@@ -341,17 +348,28 @@ async def _auth_login(config: Config, name: str, code: str | None, out: TextIO) 
 
 
 def _run_sim(args: argparse.Namespace) -> int:
+    from bridge.sim.common import run_forever
+
     if args.api == "actionnetwork":
+        from bridge.sim.actionnetwork import build_app as build_an_app
+        from bridge.sim.an_data import build_sim as build_an_sim
+
         an_sim, keys = build_an_sim(people=args.people)
         # The simulator's own throwaway key, printed so a local bridge can be pointed at it.
         print(f"Action Network simulator: {args.people} people, API key {keys[0]}", flush=True)
         run_forever(build_an_app(an_sim), args.port)
         return 0
     if args.api == "activedemand":
+        from bridge.sim.activedemand import build_app as build_ad_app
+        from bridge.sim.ad_data import build_sim as build_ad_sim
+
         ad_sim, ad_key = build_ad_sim(contacts=args.people)
         print(f"ActiveDEMAND simulator: {args.people} contacts, API key {ad_key}", flush=True)
         run_forever(build_ad_app(ad_sim), args.port)
         return 0
+    from bridge.sim.ghl import build_app as build_ghl_app
+    from bridge.sim.ghl_state import GhlSim
+
     sim = GhlSim()
     sim.add_location(args.location_id)
     token = sim.add_private_token(args.location_id)

@@ -190,7 +190,8 @@ class GhlLocation(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_on
     auth: PrivateTokenAuth | OAuthAuth
     # This location's request budget.
     limits: GhlLimits = msgspec.field(default_factory=GhlLimits)
-    # Per-request timeout.
+    # Per-request timeout of every call to this location: API calls, token refreshes and
+    # the start-up probes (connecting is bounded by 10 s, or by this when shorter).
     timeout: Duration = Duration(30.0)
     # The GHL web app, for conversation links written into the sources.
     app_url: str = "https://app.gohighlevel.com"

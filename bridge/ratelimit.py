@@ -149,6 +149,39 @@ class TokenBucket:
         self._throttled += 1
         self.pause_until(t)
 
+    def resume(
+        self,
+        *,
+        reported_at: float,
+        silence: float,
+        used_today: int = 0,
+        paused_until: float | None = None,
+    ) -> float:
+        """Start where a previous process on this budget left off; returns seconds held.
+
+        It last reported its bucket at wall time ``reported_at`` and reported at least
+        every ``silence`` seconds while it ran, so it sent nothing after ``reported_at +
+        silence`` (nor after now). Up to then it may have spent the whole budget, and the
+        server counts those requests for one more window: until that window has passed,
+        nothing is granted, then everything is. This is the only bound that holds after a
+        kill: what it spent after its last report is unknown. Its 429 pause carries over,
+        and its count for the day while it is the same UTC day. Call before any request.
+        """
+        wall = self._clock.time()
+        now = self._clock.monotonic()
+        last_call = min(reported_at + silence, wall) - wall + now
+        held = max(0.0, last_call + self._window - now)
+        if held > 0:
+            self._prune(now)
+            phantoms = [last_call] * self._available()
+            self._grants = deque(sorted([*self._grants, *phantoms]))
+        if paused_until is not None and paused_until > wall:
+            self.pause_until(paused_until - wall + now)
+        self._roll_day()
+        if math.floor(reported_at / _DAY) == self._day:
+            self._used_today = max(self._used_today, used_today)
+        return held
+
     def state(self) -> BucketState:
         now = self._clock.monotonic()
         self._prune(now)
@@ -280,6 +313,10 @@ class Limiters:
 
     def get(self, api: str, tenant: str) -> TokenBucket:
         return self._buckets[(api, tenant)]
+
+    def find(self, api: str, tenant: str) -> TokenBucket | None:
+        """The bucket for (api, tenant), or None when there is none."""
+        return self._buckets.get((api, tenant))
 
     def states(self) -> list[BucketState]:
         return [bucket.state() for bucket in self._buckets.values()]

@@ -78,9 +78,13 @@ class Response(msgspec.Struct, frozen=True):
 def make_session(
     *, timeout: float = 30.0, connect_timeout: float = 10.0, limit: int = 100
 ) -> aiohttp.ClientSession:
-    """A session with the bridge's timeouts, connection limit and User-Agent."""
+    """A session with the bridge's timeouts, connection limit and User-Agent.
+
+    ``timeout`` bounds each request as a whole (connecting included, so the connect
+    timeout is never longer); a GHL location's session takes the location's ``timeout``.
+    """
     return aiohttp.ClientSession(
-        timeout=aiohttp.ClientTimeout(total=timeout, connect=connect_timeout),
+        timeout=aiohttp.ClientTimeout(total=timeout, connect=min(connect_timeout, timeout)),
         headers={"User-Agent": USER_AGENT},
         connector=aiohttp.TCPConnector(limit=limit),
     )

@@ -18,6 +18,7 @@ from typing import Literal, TextIO
 import msgspec
 
 from bridge.app import (
+    BUDGET_REPORT_INTERVAL,
     ad_target_name,
     an_target_name,
     ghl_target_name,
@@ -31,6 +32,9 @@ from bridge.store import DeadLetterGroup, HealthRow, Store
 
 _STATES = ("pending", "in_doubt", "in_flight", "done")
 _REASONS_SHOWN = 10
+# The daemon writes its budgets every second while it runs; budgets this fresh mean it
+# runs (the same test as `bridge cursor`'s).
+_RUNNING_WITHIN = 3 * BUDGET_REPORT_INTERVAL
 
 
 class Health(msgspec.Struct, frozen=True, kw_only=True):
@@ -51,6 +55,9 @@ class StreamReport(msgspec.Struct, frozen=True, kw_only=True):
     # Its cursor has not moved for two poll intervals and a bit: the daemon is not
     # keeping up (or not running).
     behind: bool = False
+    # No cursor yet while the daemon runs: its first poll is under way. A stream stores
+    # its first cursor only when that poll has read everything, which can take hours.
+    first_poll: bool = False
 
 
 class Token(msgspec.Struct, frozen=True, kw_only=True):
@@ -156,9 +163,19 @@ async def _collect(config: Config, store: Store, *, now: float) -> Report:
 
     cursors = {c.stream: c for c in await store.cursors()}
     intervals = poll_intervals(config)
-    for name in sorted(set(stream_names(config)) | set(cursors)):
+    budgets = await store.budgets()
+    running = any(now - row.updated_at < _RUNNING_WITHIN for row in budgets)
+    configured = set(stream_names(config))
+    for name in sorted(configured | set(cursors)):
         group(owners.of_stream(name)).streams.append(
-            _stream(name, cursors.get(name), health.get(("stream", name)), intervals.get(name), now)
+            _stream(
+                name,
+                cursors.get(name),
+                health.get(("stream", name)),
+                intervals.get(name),
+                now,
+                polling=running and name in configured,
+            )
         )
     for loc in config.ghl.locations:
         groups[loc.name].token = await _token(
@@ -177,7 +194,7 @@ async def _collect(config: Config, store: Store, *, now: float) -> Report:
         _add(owner.outbox, counts)
     for location, g in groups.items():
         g.health = _health(health.get(("target", ghl_target_name(location))))
-    for row in await store.budgets():
+    for row in budgets:
         group(owners.of_budget(row)).budgets.append(row)
     dead = await store.dead_letter_groups()
     for entry in dead:
@@ -202,7 +219,10 @@ def _stream(
     down: HealthRow | None,
     interval: float | None,
     now: float,
+    *,
+    polling: bool,
 ) -> StreamReport:
+    """``polling``: the daemon runs and polls this stream (it is configured)."""
     age = now - cursor.updated_at if cursor is not None else None
     return StreamReport(
         stream=name,
@@ -211,6 +231,7 @@ def _stream(
         health=_health(down),
         poll_interval=interval,
         behind=age is not None and interval is not None and age > 2 * interval + BEHIND_SLACK,
+        first_poll=cursor is None and polling,
     )
 
 
@@ -289,8 +310,10 @@ def _verdict(health: Health, now: float) -> str:
 
 
 def _stream_line(s: StreamReport, now: float) -> str:
-    if s.cursor is None or s.cursor_age_seconds is None:
-        line = f"{s.stream:<32} never polled"
+    if s.first_poll:
+        line = f"{s.stream:<32} first poll under way (its cursor is stored when it completes)"
+    elif s.cursor is None or s.cursor_age_seconds is None:
+        line = f"{s.stream:<32} no cursor yet: no poll has completed"
     else:
         line = f"{s.stream:<32} cursor {s.cursor:<28} moved {age(s.cursor_age_seconds)} ago"
         if s.behind and s.poll_interval is not None:

@@ -115,6 +115,40 @@ def test_bad_config_exits_78_with_key_path(
     assert '$.pipeline.drain_grace: expected a duration like "30s", got "soon"' in err
 
 
+# Modules only some commands need: importing them costs `bridge run` start-up time.
+ONLY_SOME_COMMANDS = (
+    "bridge.demo",
+    "bridge.sim",
+    "bridge.progress",
+    "bridge.preview",
+    "bridge.checks",
+    "bridge.connectors.ghl.login",
+    "aiohttp.web",
+    "rich.live",
+    "hypothesis",
+)
+
+
+def test_the_cli_imports_nothing_only_some_commands_need() -> None:
+    """Importing the CLI (all `bridge run` needs before it starts) loads no demo, simulator,
+    progress display, preview, live check, login listener, aiohttp.web or hypothesis."""
+    code = "import sys, bridge.cli; print(*sys.modules)"
+    run = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True)
+    loaded = run.stdout.split()
+    assert "bridge.app" in loaded
+    assert not [m for m in loaded if m.startswith(ONLY_SOME_COMMANDS)]
+
+
+def test_check_probes_the_location_live(
+    tmp_path: Path, ghl_sim: SimProcess, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`check` (its module imported when used) probes every scope of the location."""
+    assert main(["--config", str(write_config(tmp_path, ghl_sim)), "check"]) == 0
+    out = capsys.readouterr().out
+    assert "GHL main: contacts.readonly" in out
+    assert "MISSING" not in out
+
+
 def test_missing_config_exits_78(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """A config file that does not exist is a config error, not a crash."""
     assert main(["--config", str(tmp_path / "nope.toml"), "check"]) == EX_CONFIG
@@ -206,6 +240,7 @@ def test_status_reports_outbox_dead_letters_and_budgets(
             "health": {"state": "ok", "error": None, "since": None, "checked_at": None},
             "poll_interval": None,  # a stream no longer configured
             "behind": False,
+            "first_poll": False,
         }
     ]
     assert other["dead_letters"] == {"total": 1, "by_reason": {"no email": 1}}

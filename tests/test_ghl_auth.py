@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -16,14 +17,14 @@ import aiohttp
 import msgspec
 import pytest
 
-from bridge.clock import SystemClock
+from bridge.clock import FakeClock, SystemClock
 from bridge.config import GhlLocation, OAuthAuth
 from bridge.connectors.ghl.auth import OAuthTokens, PrivateToken, agency_key, authorize_url
 from bridge.connectors.ghl.login import login
 from bridge.errors import AuthError, TokenExpired
 from bridge.rest import make_session, request
 from bridge.secrets import Secret
-from bridge.sim.common import serve
+from bridge.sim.common import FaultRule, serve
 from bridge.sim.ghl import build_app
 from bridge.sim.ghl_state import GhlSim
 from bridge.store import Store
@@ -180,10 +181,52 @@ async def test_proactive_refresh_before_expiry(env: Env) -> None:
     """A token within the refresh margin is refreshed before use, not after a 401."""
     tokens = env.tokens()
     first = await tokens.exchange_code(env.sim.issue_auth_code(LOCATION_ID, client_id=CLIENT_ID))
-    soon = env.tokens(margin=86_400 * 2)
-    token = await soon.token()
+    # A day-long token with 100 s left: inside the 5 min margin.
+    now = time.time()
+    await env.store.save_token(
+        msgspec.structs.replace(first, updated_at=now - 86_300, expires_at=now + 100)
+    )
+    token = await env.tokens().token()
     assert token != first.access_token
     assert env.sim.refreshes[LOCATION_ID] == 1
+
+
+async def test_a_short_lived_token_is_not_refreshed_before_every_call(env: Env) -> None:
+    """A token living 2 min (under the 5 min margin) serves calls for its first 3/4, and is
+    refreshed once in its last quarter: the margin is a quarter of its lifetime."""
+    env.sim.access_token_ttl = 120
+    clock = FakeClock(wall=time.time())
+    loc = location(env.base_url)
+    assert isinstance(loc.auth, OAuthAuth)
+    tokens = OAuthTokens(loc, loc.auth, store=env.store, session=env.session, clock=clock)
+    first = await tokens.exchange_code(env.sim.issue_auth_code(LOCATION_ID, client_id=CLIENT_ID))
+    for _ in range(5):
+        assert await tokens.token() == first.access_token
+    await clock.advance(89.0)
+    assert await tokens.token() == first.access_token
+    assert env.sim.refreshes[LOCATION_ID] == 0
+    await clock.advance(2.0)  # 91 s of 120: within the last 30 s
+    assert await tokens.token() != first.access_token
+    assert env.sim.refreshes[LOCATION_ID] == 1
+
+
+async def test_a_refresh_whose_caller_is_cancelled_still_commits_the_new_pair(env: Env) -> None:
+    """Cancelled while GHL has already rotated the pair (a drain running out, a stop during
+    the start-up checks): the caller waits for the commit, so the next refresh works."""
+    tokens = env.tokens()
+    row = await tokens.exchange_code(env.sim.issue_auth_code(LOCATION_ID, client_id=CLIENT_ID))
+    # GHL rotates at once, its answer comes a second later.
+    env.sim.faults.add(FaultRule(route="/oauth/token", delay=1.0, after=True, times=1))
+    caller = asyncio.create_task(tokens.refresh(row.access_token))
+    await asyncio.sleep(0.3)
+    caller.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await caller
+    stored = await env.store.load_token("main")
+    assert stored is not None
+    assert stored.refresh_token != row.refresh_token
+    await env.tokens().refresh(stored.access_token)  # a reused refresh token is refused
+    assert env.sim.refreshes[LOCATION_ID] == 2
 
 
 async def test_failed_refresh_keeps_the_stored_pair(env: Env) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import io
 import os
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import UTC, datetime
 from pathlib import Path
@@ -14,6 +15,8 @@ import msgspec
 import pytest
 from aiohttp import web
 
+from bridge.app import open_app
+from bridge.config import load_config
 from bridge.connectors.ghl import media
 from bridge.connectors.ghl.client import GhlClient
 from bridge.connectors.ghl.models import (
@@ -31,7 +34,7 @@ from bridge.connectors.ghl.models import (
     SendMessage,
 )
 from bridge.errors import AuthError, Fatal, InDoubt, Rejected, Retryable, TokenExpired
-from bridge.sim.common import serve
+from bridge.sim.common import FaultRule, serve
 from bridge.sim.ghl_state import Token
 from tests.conftest import GhlClientParts, GhlServer, InstantClock, MakeGhlClient, StaticTokens
 
@@ -734,3 +737,37 @@ async def test_every_request_spends_a_bucket_token(
         await ghl_client.get_contact("missing")
     await ghl_client.download_recording(message_id, tmp_path / "r.wav")
     assert ghl_parts.bucket.state().used_today == len(ghl_server.sim.journal) == 6
+
+
+@pytest.mark.usefixtures("restore_logging")
+async def test_each_location_uses_its_configured_timeout(
+    ghl_server: GhlServer, tmp_path: Path
+) -> None:
+    """``ghl.locations[].timeout`` bounds every call of the location: its client's writes and
+    reads, and its start-up probes, not the session default of 30 s."""
+    config_path = tmp_path / "bridge.toml"
+    config_path.write_text(
+        f"""
+[state]
+path = "state.db"
+
+[[ghl.locations]]
+name = "main"
+location_id = "{ghl_server.location_id}"
+base_url = "{ghl_server.base_url}"
+auth = {{ kind = "private_token", token = "{ghl_server.token}" }}
+timeout = "1s"
+""",
+        encoding="utf-8",
+    )
+    ghl_server.sim.faults.add(FaultRule(route="*", delay=4.0))
+    async with open_app(load_config(config_path)) as app:
+        (parts,) = app.locations
+        started = time.monotonic()
+        with pytest.raises(InDoubt, match="timed out"):
+            await parts.client.upsert_contact(ContactUpsert(email="slow@example.org"))
+        assert time.monotonic() - started < 3.0
+        started = time.monotonic()
+        with pytest.raises(Retryable, match="timed out"):
+            await app.check_locations_of([parts])
+        assert time.monotonic() - started < 3.0

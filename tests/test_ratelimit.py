@@ -10,6 +10,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from bridge.app import BUDGET_SAVE_SILENCE
 from bridge.clock import Clock, FakeClock, SystemClock
 from bridge.ratelimit import BucketState, Limiters, TokenBucket
 
@@ -316,3 +317,115 @@ def test_random_traffic_never_overfills_a_window(
         assert_rolling_budget(grants, capacity, window)
 
     asyncio.run(scenario())
+
+
+# --------------------------------------------------------------------------- across a restart
+
+
+async def test_a_resumed_bucket_waits_a_window_past_the_last_possible_call() -> None:
+    """Reported 5 s ago, silent at most 3 s: nothing for 3 + 10 - 5 = 8 s, then everything."""
+    clock = FakeClock(start=0.0)
+    bucket = make_bucket(clock, capacity=5, window=10.0)
+    held = bucket.resume(reported_at=clock.time() - 5.0, silence=3.0)
+    assert held == pytest.approx(8.0)
+    assert bucket.state().available == 0
+    grants: list[float] = []
+    tasks = start_acquirers(bucket, clock, 5, grants)
+    await drain(clock, tasks)
+    assert grants == [pytest.approx(8.0)] * 5
+
+
+async def test_the_previous_process_sent_nothing_after_this_one_started() -> None:
+    """Reported just now: the silence cannot reach past now, so one window from now."""
+    clock = FakeClock(start=0.0)
+    bucket = make_bucket(clock, capacity=5, window=10.0)
+    assert bucket.resume(reported_at=clock.time() - 1.0, silence=3.0) == pytest.approx(10.0)
+
+
+async def test_a_resumed_bucket_never_looks_past_now() -> None:
+    """A report from the future (the wall clock stepped back) holds one window from now."""
+    clock = FakeClock(start=0.0)
+    bucket = make_bucket(clock, capacity=5, window=10.0)
+    assert bucket.resume(reported_at=clock.time() + 60.0, silence=3.0) == pytest.approx(10.0)
+
+
+async def test_an_old_report_leaves_the_bucket_full() -> None:
+    """A report older than the silence plus one window holds nothing back."""
+    clock = FakeClock(start=0.0)
+    bucket = make_bucket(clock, capacity=5, window=10.0)
+    assert bucket.resume(reported_at=clock.time() - 13.0, silence=3.0) == 0.0
+    assert bucket.state().available == 5
+
+
+async def test_a_resumed_bucket_keeps_the_pause_and_the_days_count() -> None:
+    """A 429 pause still running carries over, and today's count while it is the same day."""
+    clock = FakeClock(start=0.0, wall=MIDNIGHT + 3_600.0)
+    bucket = TokenBucket("ghl", "loc1", capacity=5, window=10.0, daily_cap=100, clock=clock)
+    bucket.resume(
+        reported_at=clock.time() - 60.0, silence=3.0, used_today=40, paused_until=clock.time() + 30
+    )
+    state = bucket.state()
+    assert (state.available, state.used_today) == (5, 40)
+    assert state.paused_until == pytest.approx(30.0)
+    yesterday = TokenBucket("ghl", "loc1", capacity=5, window=10.0, daily_cap=100, clock=clock)
+    yesterday.resume(reported_at=MIDNIGHT - 1.0, silence=3.0, used_today=40)
+    assert yesterday.state().used_today == 0
+
+
+async def restart_scenario(
+    *, kill_at: float, restart_after: float, phase: float, resume: bool
+) -> list[float]:
+    """A process spending greedily and reporting every second is killed at ``kill_at``; one
+    started ``restart_after`` later spends greedily too. Every grant, both processes."""
+    clock = FakeClock(start=0.0)
+    capacity, window = 10, 10.0
+    grants: list[float] = []
+    reports: list[float] = []
+
+    async def spend(bucket: TokenBucket) -> None:
+        while True:
+            await bucket.acquire()
+            grants.append(clock.monotonic())
+
+    async def report() -> None:
+        await clock.sleep(phase)
+        while True:
+            reports.append(clock.time())
+            await clock.sleep(1.0)  # BUDGET_SAVE_INTERVAL
+
+    old = make_bucket(clock, capacity=capacity, window=window)
+    # Spent in bursts: a sender picks up work some seconds in, when tokens are back.
+    running = [asyncio.create_task(report()), asyncio.create_task(spend(old))]
+    await clock.advance(kill_at)
+    for task in running:  # SIGKILL: no last report
+        task.cancel()
+    await asyncio.gather(*running, return_exceptions=True)
+    await clock.advance(restart_after)
+    new = make_bucket(clock, capacity=capacity, window=window)
+    if resume:
+        new.resume(reported_at=reports[-1], silence=BUDGET_SAVE_SILENCE)
+    spender = asyncio.create_task(spend(new))
+    await clock.advance(3 * window)
+    spender.cancel()
+    await asyncio.gather(spender, return_exceptions=True)
+    return grants
+
+
+@pytest.mark.parametrize("kill_at", [0.5, 4.0, 9.99, 10.0, 10.5, 14.25, 19.9])
+@pytest.mark.parametrize("restart_after", [0.1, 5.0])
+async def test_a_restart_never_overfills_a_window_at_the_server(
+    kill_at: float, restart_after: float
+) -> None:
+    """Killed at any moment and restarted (systemd: 5 s later), old and new requests
+    together never put more than the budget in any window."""
+    grants = await restart_scenario(
+        kill_at=kill_at, restart_after=restart_after, phase=0.3, resume=True
+    )
+    assert_rolling_budget(grants, 10, 10.0)
+
+
+async def test_without_resume_a_restart_overfills_a_window() -> None:
+    """The scenario above is a real test: a fresh bucket after a kill goes over the budget."""
+    grants = await restart_scenario(kill_at=10.5, restart_after=5.0, phase=0.3, resume=False)
+    with pytest.raises(AssertionError):
+        assert_rolling_budget(grants, 10, 10.0)

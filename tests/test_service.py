@@ -25,6 +25,9 @@ import msgspec
 from prometheus_client.parser import text_string_to_metric_families
 
 from bridge.demo import SOURCE, World, sim_world
+from bridge.models import BudgetRow
+from bridge.sim.common import FaultRule
+from bridge.store import Store
 
 PEOPLE = 4
 
@@ -87,18 +90,24 @@ def json_config(world: World, *extra: str) -> str:
 
 
 @contextlib.asynccontextmanager
-async def daemon(world: World, env: dict[str, str]) -> AsyncIterator[asyncio.subprocess.Process]:
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "bridge",
-        "--config",
-        str(world.config_path),
-        "run",
-        env=os.environ | env,
-        stdout=asyncio.subprocess.DEVNULL,
-        stderr=asyncio.subprocess.DEVNULL,
-    )
+async def daemon(
+    world: World, env: dict[str, str], *, python: tuple[str, ...] = (), stderr: Path | None = None
+) -> AsyncIterator[asyncio.subprocess.Process]:
+    """``bridge run`` as a child (``python``: interpreter options; ``stderr``: a file for it)."""
+    with contextlib.ExitStack() as files:
+        err = files.enter_context(stderr.open("wb")) if stderr is not None else None
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable,
+            *python,
+            "-m",
+            "bridge",
+            "--config",
+            str(world.config_path),
+            "run",
+            env=os.environ | env,
+            stdout=asyncio.subprocess.DEVNULL,
+            stderr=err if err is not None else asyncio.subprocess.DEVNULL,
+        )
     try:
         yield proc
     finally:
@@ -139,6 +148,21 @@ async def synced_person(world: World, email: str) -> dict[str, Any] | None:
 
     found: dict[str, Any] | None = await eventually(contact)
     return found
+
+
+def with_log_file(world: World, log_file: Path, *extra: str) -> str:
+    """The world's config as JSON info logs into ``log_file``, with ``extra`` lines."""
+    return json_config(world, *extra).replace("[logging]", f'[logging]\nfile = "{log_file}"')
+
+
+async def logged(path: Path, event: str) -> list[dict[str, Any]]:
+    """Every ``event`` in the log so far, waiting up to 30 s for the first one."""
+
+    async def found() -> list[dict[str, Any]]:
+        return [e for e in log_events(path) if e["event"] == event]
+
+    events: list[dict[str, Any]] = await eventually(found)
+    return events
 
 
 def samples(text: str) -> dict[str, list[Any]]:
@@ -290,3 +314,109 @@ async def test_sighup_reloads_mapping_and_intervals_and_rejects_a_bad_config(
     rotated = [e["event"] for e in log_events(tmp_path / "bridge.log.1")]
     assert "reload_requested" in rotated
     assert "config_reloaded" not in rotated
+
+
+async def test_sigterm_during_the_start_up_checks_is_an_orderly_exit(tmp_path: Path) -> None:
+    """SIGTERM while the token and scope probes run ends them: exit 0, no READY=1, no
+    pipeline started, and the state file left as a clean stop leaves it."""
+    log_file = tmp_path / "bridge.log"
+    async with sim_world(tmp_path, people=PEOPLE, activedemand=False) as world:
+        world.config_path.write_text(with_log_file(world, log_file), encoding="utf-8")
+        # Every GHL request takes 2 s: the six start-up probes, one after another, 12 s.
+        world.ghl.faults.add(FaultRule(route="*", delay=2.0))
+        with notify_socket() as (sock, path):
+            async with daemon(world, {"NOTIFY_SOCKET": path}) as proc:
+                await logged(log_file, "app_ready")
+                await asyncio.sleep(0.5)  # into the first probe
+                started = time.monotonic()
+                proc.send_signal(signal.SIGTERM)
+                assert await asyncio.wait_for(proc.wait(), 30) == 0
+                assert time.monotonic() - started < 5  # not after the remaining probes
+            assert not [m for m in drain(sock) if "READY" in m]
+    events = [e["event"] for e in log_events(log_file)]
+    assert "stop_requested" in events
+    assert "start_abandoned" in events
+    assert "service_ready" not in events
+    assert not [e for e in log_events(log_file) if e.get("level") in ("error", "critical")]
+    async with Store.open(tmp_path / "state.db") as store:
+        assert await store.budgets()  # the last report of a clean stop
+        assert (await store.outbox_counts())["in_flight"] == 0
+
+
+FORBIDDEN_AT_RUN_TIME = (
+    "bridge.demo",
+    "bridge.sim",
+    "bridge.progress",
+    "bridge.preview",
+    "bridge.checks",
+    "bridge.connectors.ghl.login",
+    "aiohttp.web",
+    "rich.live",
+    "hypothesis",
+)
+
+
+async def test_sigterm_right_after_ready_drains_and_run_imports_only_what_it_needs(
+    tmp_path: Path,
+) -> None:
+    """SIGTERM the moment READY=1 arrives is a drain and exit 0; and the whole run, start to
+    exit, never imports the demo, the simulators, rich's live display, aiohttp.web (no
+    ``[http] listen``) or hypothesis (python -X importtime lists every import)."""
+    imports = tmp_path / "importtime.txt"
+    async with sim_world(tmp_path, people=PEOPLE, activedemand=False) as world:
+        world.config_path.write_text(json_config(world), encoding="utf-8")
+        with notify_socket() as (sock, path):
+            env = {"NOTIFY_SOCKET": path}
+            async with daemon(world, env, python=("-X", "importtime"), stderr=imports) as proc:
+                await wait_for(sock, "READY")
+                proc.send_signal(signal.SIGTERM)
+                assert await asyncio.wait_for(proc.wait(), 30) == 0
+                assert await wait_for(sock, "STOPPING", within=5)
+    # "import time: <self> | <cumulative> | <indent><module>"
+    lines = imports.read_text(encoding="utf-8").splitlines()
+    modules = {line.rsplit("|", 1)[1].strip() for line in lines if line.startswith("import time:")}
+    assert "bridge.app" in modules
+    assert "aiohttp.client" in modules
+    assert not {m for m in modules if m.startswith(FORBIDDEN_AT_RUN_TIME)}
+
+
+async def test_a_restart_holds_back_what_the_killed_process_may_have_spent(
+    tmp_path: Path,
+) -> None:
+    """Budgets reported a moment ago (as a killed daemon leaves them) hold the first GHL
+    request, a start-up probe, until one window after the last moment it could have
+    sent one; READY=1 comes after that."""
+    log_file = tmp_path / "bridge.log"
+    async with sim_world(tmp_path, people=PEOPLE, activedemand=False) as world:
+        text = with_log_file(world, log_file).replace(
+            'reverse = { poll_interval = "1s" }',
+            'reverse = { poll_interval = "1s" }\nlimits = { burst = 100, window = "2s" }',
+        )
+        world.config_path.write_text(text, encoding="utf-8")
+        reported = time.time()
+        async with Store.open(tmp_path / "state.db") as store:
+            row = BudgetRow(
+                api="ghl",
+                tenant="demo",
+                capacity=100,
+                window=2.0,
+                available=0,
+                used_today=500,
+                daily_cap=200_000,
+                paused_until=None,
+                updated_at=reported,
+            )
+            await store.save_budgets([row])
+        with notify_socket() as (sock, path):
+            async with daemon(world, {"NOTIFY_SOCKET": path}) as proc:
+                await wait_for(sock, "READY")
+                ready_at = time.time()
+                proc.send_signal(signal.SIGTERM)
+                assert await asyncio.wait_for(proc.wait(), 30) == 0
+        (held,) = [e for e in log_events(log_file) if e["event"] == "budget_held_from_last_run"]
+        assert (held["api"], held["tenant"]) == ("ghl", "demo")
+        first = min(e.started or e.ts for e in world.ghl.journal.entries)
+    # The previous process may have sent until the report + 3 s (it writes every second),
+    # or until this one started, whichever came first; those count for one 2 s window.
+    assert first >= reported + 2.0
+    assert ready_at >= first

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import random
 import re
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -19,7 +20,7 @@ from bridge.clock import SystemClock
 from bridge.config import Config, Duration, load_config
 from bridge.demo import sim_world
 from bridge.errors import AuthError, ConfigError
-from bridge.models import NewOp, Op
+from bridge.models import BudgetRow, NewOp, Op
 from bridge.observability.http import serve
 from bridge.observability.logs import configure_output, get_logger
 from bridge.observability.metrics import Metrics, Snapshot
@@ -317,3 +318,62 @@ async def test_poll_intervals_agree_with_the_streams_built(tmp_path: Path) -> No
     intervals = poll_intervals(config)
     assert len(built) == 5
     assert {name: intervals[name] for name in built} == built
+
+
+async def test_restore_budgets_holds_what_the_last_process_may_still_have_counting(
+    tmp_path: Path,
+) -> None:
+    """Buckets reported a second ago start empty, one reported long ago starts full, and a
+    reverse stream's share or a bucket no longer configured is passed over."""
+    path = tmp_path / "bridge.toml"
+    path.write_text(
+        """
+[state]
+path = "state.db"
+
+[[ghl.locations]]
+name = "main"
+location_id = "loc1"
+auth = { kind = "private_token", token = "pit-11111111-2222-4333-8444-555555555555" }
+
+[[sources.action_network]]
+name = "an"
+location = "main"
+api_key = "an-key-0123456789"
+""",
+        encoding="utf-8",
+    )
+    config = load_config(path)
+    now = time.time()
+
+    def row(api: str, tenant: str, at: float) -> BudgetRow:
+        return BudgetRow(
+            api=api,
+            tenant=tenant,
+            capacity=100,
+            window=10.0,
+            available=100,
+            used_today=7,
+            daily_cap=None,
+            paused_until=None,
+            updated_at=at,
+        )
+
+    async with Store.open(config.state.path) as opened:
+        await opened.save_budgets(
+            [
+                row("ghl", "main", now - 1),
+                row("ghl", "main/share", now - 1),
+                row("ghl", "gone", now - 1),
+                row("actionnetwork", "an", now - 60),
+            ]
+        )
+    async with open_app(config) as app:
+        with capture_logs() as logs:
+            await app.restore_budgets()
+        states = {(b.api, b.tenant): b for b in app.limiters.states()}
+    assert (states[("ghl", "main")].available, states[("ghl", "main")].used_today) == (0, 7)
+    assert states[("actionnetwork", "an")].available == 4
+    (held,) = [e for e in logs if e["event"] == "budget_held_from_last_run"]
+    assert (held["api"], held["tenant"]) == ("ghl", "main")
+    assert 9.0 < held["seconds"] <= 10.0

@@ -3,14 +3,16 @@
 OAuth refresh tokens rotate on use and a replayed one is refused, so a lost refresh
 token means reinstalling the app. Hence the order in :meth:`OAuthTokens._refresh`:
 exchange, commit the new pair to SQLite, and only then hand out the new access token;
-a failed exchange never touches the stored pair; and one lock per location makes
-refreshes single-flight (GHL's own SDKs do not serialise them).
+a failed exchange never touches the stored pair; a caller cancelled mid-refresh (a drain
+running out, a stop during the start-up checks) lets the refresh finish first; and one
+lock per location makes refreshes single-flight (GHL's own SDKs do not serialise them).
 """
 
 from __future__ import annotations
 
 import asyncio
-from typing import Literal
+from collections.abc import Coroutine
+from typing import Any, Literal, TypeVar
 from urllib.parse import urlencode
 
 import aiohttp
@@ -28,7 +30,11 @@ from bridge.store import Store
 log = structlog.get_logger("bridge.ghl.auth")
 
 REFRESH_MARGIN = 300.0
-"""Refresh this many seconds before expiry, so a token never expires mid-request."""
+"""Refresh this many seconds before expiry, so a token never expires mid-request..."""
+
+REFRESH_SHARE = 0.25
+"""...or this share of the token's lifetime, when that is less: a token that lives under
+the margin would otherwise be refreshed before every call."""
 
 LOCATION_TOKEN_VERSION = "2021-07-28"  # noqa: S105 - an API version, not a secret
 
@@ -46,6 +52,8 @@ class TokenResponse(msgspec.Struct, kw_only=True):
 
 
 _decode_token = msgspec.json.Decoder(TokenResponse).decode
+
+T = TypeVar("T")
 
 
 class PrivateToken:
@@ -118,7 +126,7 @@ class OAuthTokens:
 
     async def token(self) -> str:
         current = self._current or await self._load()
-        if current.expires_at - self._margin > self._clock.time():
+        if self._fresh(current):
             return current.access_token
         return await self.refresh(current.access_token)
 
@@ -127,10 +135,19 @@ class OAuthTokens:
         async with self._lock:
             current = await self._load()
             # Someone else refreshed while we waited for the lock: use their token.
-            fresh = current.expires_at - self._margin > self._clock.time()
-            if current.access_token != rejected and fresh:
+            if current.access_token != rejected and self._fresh(current):
                 return current.access_token
-            return await self._refresh(current)
+            return await _finish_first(self._refresh(current))
+
+    def _fresh(self, row: TokenRow) -> bool:
+        """Whether ``row`` is still good for use: not within its refresh margin of expiry.
+
+        The margin is ``margin`` (5 min), or a quarter of the token's lifetime (issue to
+        expiry) when that is less, so a short-lived token is used for most of its life.
+        """
+        lifetime = max(0.0, row.expires_at - row.updated_at)
+        margin = min(self._margin, REFRESH_SHARE * lifetime)
+        return row.expires_at - margin > self._clock.time()
 
     async def _load(self) -> TokenRow:
         row = await self._store.load_token(self.name)
@@ -206,7 +223,7 @@ class OAuthTokens:
                 f"GHL location {self.name!r}: no refresh token and no agency install to derive"
                 f" one from; run `bridge auth login --location {self.name}`"
             )
-        if agency.expires_at - self._margin <= self._clock.time():
+        if not self._fresh(agency):
             refreshed = await self._exchange(
                 {
                     "grant_type": "refresh_token",
@@ -268,6 +285,28 @@ class OAuthTokens:
             raise Retryable(
                 f"GHL location {self.name!r}: OAuth {what} returned an unreadable reply"
             ) from None
+
+
+async def _finish_first(work: Coroutine[Any, Any, T]) -> T:
+    """Await ``work`` to its end even if the caller is cancelled meanwhile, then cancel.
+
+    GHL may rotate the pair as soon as the exchange reaches it, and a rotated pair that is
+    not committed means a new login. So a cancelled caller (still holding the refresh
+    lock) waits for the exchange and the commit, bounded by the request timeout, and only
+    then sees its CancelledError.
+    """
+    task = asyncio.ensure_future(work)
+    cancelled = False
+    while not task.done():
+        try:
+            await asyncio.wait({task})  # unlike awaiting it, cancelling this leaves it running
+        except asyncio.CancelledError:
+            cancelled = True
+    if cancelled:
+        if not task.cancelled():
+            task.exception()  # retrieved: the caller is gone and gets its cancellation
+        raise asyncio.CancelledError
+    return task.result()
 
 
 def token_source(
