@@ -594,8 +594,9 @@ async def test_an_item_that_does_not_decode_costs_only_itself(
     assert read == {an.pop.person_id(i) for i in range(PEOPLE)} - {bad}
 
 
-def test_a_page_msgspec_refuses_is_split_by_hand() -> None:
-    """A lone surrogate fails msgspec for the whole body: the items are cut out and kept."""
+def test_a_page_msgspec_refuses_is_split_by_the_standard_library() -> None:
+    """A lone surrogate fails msgspec for the whole body: the standard library reads it and
+    each item is written out again, each fault (and each good item) where it was."""
     body = (
         b'{"page": 2, "_links": {"next": {"href": "/people?page=3"}},'
         b' "_embedded": {"osdi:people": [{"given_name": "\\ud800", "a": [1, {"b": "]}"}]},'

@@ -36,7 +36,7 @@ import aiohttp
 import msgspec
 import structlog
 
-from bridge import rest
+from bridge import json_items, rest
 from bridge.clock import Clock
 from bridge.config import ActionNetworkSource
 from bridge.connectors.an_models import (
@@ -322,7 +322,7 @@ class AnClient:
         response = await self._read(self._url(path, self._query(page, per_page, filter)))
         try:
             return decode_page(response.body)
-        except (msgspec.DecodeError, UnicodeDecodeError) as exc:
+        except (msgspec.DecodeError, json_items.Unsplittable) as exc:
             # As rest.decode_body: not the record's fault, so the read is retried.
             where = f"GET {self._base_path}{path}"
             reason = f"{where}: HTTP {response.status} with an unexpected body ({exc})"

@@ -44,7 +44,7 @@ import aiohttp
 import msgspec
 import structlog
 
-from bridge import rest
+from bridge import json_items, rest
 from bridge.clock import Clock
 from bridge.config import ActiveDemandSource
 from bridge.connectors.ad_feeds import (
@@ -571,7 +571,7 @@ def _typed(tp: type[T], page: FeedPage, label: str, where: str) -> Batch[Entry[T
         try:
             value = msgspec.convert(record.record, tp)
         except msgspec.ValidationError as exc:
-            reason = f"{where}: {label} record {record.id}: {exc}"
+            reason = f"{where}: {label} record {record.id}: {json_items.why(exc, record.raw)}"
             bad.append(BadRecord(id=record.id, raw=record.raw, reason=reason))
             continue
         entries.append(

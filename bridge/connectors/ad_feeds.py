@@ -13,15 +13,13 @@ gone wrong.
 
 from __future__ import annotations
 
-import contextlib
-import json
-import re
 from collections.abc import Callable
 from datetime import datetime
 from typing import Annotated, Any
 
 import msgspec
 
+from bridge import json_items
 from bridge.errors import Fatal, Retryable
 from bridge.models import content_hash
 from bridge.streams import parse_time
@@ -153,7 +151,8 @@ class KeyedRecord(msgspec.Struct, frozen=True, kw_only=True):
 
     ``version`` is the updated field's raw value or, without one, a content hash: equal
     versions mean the record has not changed. ``updated`` is the parsed timestamp. ``raw``
-    is the record's JSON as served, for a dead letter if it later proves unreadable.
+    is the record's JSON (as served unless its page had to be split by
+    :mod:`bridge.json_items`), for a dead letter if it later proves unreadable.
     """
 
     id: str
@@ -164,7 +163,7 @@ class KeyedRecord(msgspec.Struct, frozen=True, kw_only=True):
 
 
 class BadRecord(msgspec.Struct, frozen=True, kw_only=True):
-    """A record of a page that cannot be read: its JSON as served, why, and its id if known.
+    """A record of a page that cannot be read: its JSON, why, and its id if known.
 
     ``keyless`` marks a record that is not an object or has no id field at all: what
     every record looks like when the ``records`` or ``id_field`` setting is wrong.
@@ -231,11 +230,15 @@ def read_page(
 
 
 def read_record(raw: bytes, feed: FeedConfig, *, label: str, where: str) -> KeyedRecord | BadRecord:
-    """One record from its JSON as served: keyed, or bad with a one-line reason."""
+    """One record from its JSON: keyed, or bad with a one-line reason."""
     try:
         item = _RECORD.decode(raw)
-    except (msgspec.DecodeError, UnicodeDecodeError, RecursionError) as exc:
-        return _undecodable(raw, exc, feed, label=label, where=where)
+    except json_items.REFUSED as exc:
+        # The id only if it is clean text: it becomes the dead letter's key.
+        record_id = _usable_id(json_items.salvage(raw).get(feed.id_field))
+        named = record_id if record_id is not None else "(id unreadable)"
+        reason = f"{where}: {label} record {named}: {json_items.why(exc, raw)}"
+        return BadRecord(id=record_id, raw=raw, reason=reason)
     if not isinstance(item, dict):
         return BadRecord(
             id=None,
@@ -282,43 +285,24 @@ def read_one(body: bytes, feed: FeedConfig, *, label: str, where: str) -> KeyedR
     """
     read = read_record(body, feed, label=label, where=where)
     if isinstance(read, BadRecord) and not read.keyless:
-        start = _skip(body, 0)
         try:
-            end = _value_end(body, start)
-        except _Unsplittable as exc:
+            json_items.loads(body)
+        except json_items.Unsplittable as exc:
             raise Retryable(f"{where}: the body is not one JSON value ({exc})") from None
-        if _skip(body, end) != len(body):
-            raise Retryable(f"{where}: the body is not one JSON value (bytes after it)")
     return read
 
 
 _RECORD = msgspec.json.Decoder()
 _OBJECT = msgspec.json.Decoder(dict[str, msgspec.Raw])
 _LIST = msgspec.json.Decoder(list[msgspec.Raw] | None)
-# The standard library's parser reads a lone surrogate escape (and, on text decoded with
-# surrogateescape, invalid UTF-8) that msgspec refuses: used only to say what is wrong.
-_LENIENT = json.JSONDecoder()
-_SPACE = re.compile(rb"[ \t\n\r]*")
-_STRING = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"', re.DOTALL)
-_ATOM = re.compile(rb'[^ \t\n\r,:\[\]{}"]+')
-_OPEN = {ord("["): ord("]"), ord("{"): ord("}")}
-_CLOSE = frozenset(_OPEN.values())
-_QUOTE = ord('"')
-_GAP = frozenset(b" \t\n\r,:")
-
-
-class _Unsplittable(ValueError):
-    """The body is not JSON whose records can be told apart."""
 
 
 def _split(body: bytes, feed: FeedConfig, *, label: str, where: str) -> list[bytes]:
-    """Each record's JSON as served, from the list at the feed's ``records`` path.
+    """Each record's JSON from the list at the feed's ``records`` path.
 
-    msgspec splits a valid body into raw records without checking their text, so
-    invalid UTF-8 inside one record costs only that record. A body msgspec refuses as a
-    whole (a lone surrogate escape anywhere, NaN, nesting deeper than the recursion
-    limit) is split by :func:`_scan`, which only matches quotes and brackets, so each
-    record is then judged on its own.
+    A body msgspec refuses as a whole is split by :mod:`bridge.json_items`, each record
+    then judged on its own. Such a body cannot show a config mismatch (it may be a
+    proxy's error page), so its shape is never Fatal, only unsplittable.
     """
     parts = feed.records.split(".") if feed.records else []
     try:
@@ -336,159 +320,12 @@ def _split(body: bytes, feed: FeedConfig, *, label: str, where: str) -> list[byt
         except msgspec.ValidationError:
             raise _not_a_list(feed, label, where) from None
         return [] if found is None else [bytes(item) for item in found]
-    except (msgspec.DecodeError, UnicodeDecodeError, RecursionError) as exc:
-        failure = exc
-    try:
-        return _scan(body, parts, feed)
-    except _Unsplittable as exc:
-        raise Retryable(
-            f"{where}: the body cannot be split into records ({_why(failure)}; {exc})"
-        ) from None
-
-
-def _scan(body: bytes, parts: list[str], feed: FeedConfig) -> list[bytes]:
-    """The records' spans in a body msgspec refuses, checked only for matching quotes,
-    brackets and separators between records.
-
-    A body that is not JSON at all (a proxy's error page) cannot show a config mismatch,
-    so its shape is never Fatal here, only unsplittable.
-    """
-    pos = _skip(body, 0)
-    for part in parts:
-        member = _member(body, pos, part)
-        if member is None:
-            raise _Unsplittable(f"no {feed.records!r} in it")
-        pos = member
-    if body.startswith(b"null", pos):
-        return []
-    if not body.startswith(b"[", pos):
-        raise _Unsplittable("its records are not a list")
-    items: list[bytes] = []
-    pos = _skip(body, pos + 1)
-    if body.startswith(b"]", pos):
-        return items
-    while True:
-        end = _value_end(body, pos)
-        items.append(body[pos:end])
-        pos = _skip(body, end)
-        if body.startswith(b"]", pos):
-            return items
-        if not body.startswith(b",", pos):
-            raise _Unsplittable(f"no ',' or ']' after a record at byte {pos}")
-        pos = _skip(body, pos + 1)
-
-
-def _member(body: bytes, pos: int, name: str) -> int | None:
-    """Where the value of member ``name`` of the object at ``pos`` starts (the last one,
-    as msgspec reads a repeated name); None if there is no object or no such member."""
-    if not body.startswith(b"{", pos):
-        return None
-    found: int | None = None
-    pos = _skip(body, pos + 1)
-    if body.startswith(b"}", pos):
-        return None
-    while True:
-        key = _STRING.match(body, pos)
-        if key is None:
-            raise _Unsplittable(f"no member name at byte {pos}")
-        pos = _skip(body, key.end())
-        if not body.startswith(b":", pos):
-            raise _Unsplittable(f"no ':' at byte {pos}")
-        pos = _skip(body, pos + 1)
-        with contextlib.suppress(ValueError):
-            if _LENIENT.decode(key.group().decode("utf-8", "surrogateescape")) == name:
-                found = pos
-        pos = _skip(body, _value_end(body, pos))
-        if body.startswith(b"}", pos):
-            return found
-        if not body.startswith(b",", pos):
-            raise _Unsplittable(f"no ',' or '}}' after a member at byte {pos}")
-        pos = _skip(body, pos + 1)
-
-
-def _value_end(body: bytes, pos: int) -> int:
-    """Where the JSON value starting at ``pos`` ends, by quotes and brackets alone (no
-    recursion, so no depth limit); what is between them is left to the decoder."""
-    closers: list[int] = []
-    while True:
-        if pos >= len(body):
-            raise _Unsplittable("the body ends inside a value")
-        byte = body[pos]
-        if byte == _QUOTE:
-            string = _STRING.match(body, pos)
-            if string is None:
-                raise _Unsplittable(f"a string at byte {pos} is not closed")
-            pos = string.end()
-        elif byte in _OPEN:
-            closers.append(_OPEN[byte])
-            pos += 1
-        elif byte in _CLOSE:
-            if not closers or closers.pop() != byte:
-                raise _Unsplittable(f"a bracket at byte {pos} closes nothing open")
-            pos += 1
-        elif closers and byte in _GAP:
-            pos += 1
-        else:
-            atom = _ATOM.match(body, pos)
-            if atom is None:
-                raise _Unsplittable(f"an unexpected byte at {pos}")
-            pos = atom.end()
-        if not closers:
-            return pos
-
-
-def _skip(body: bytes, pos: int) -> int:
-    match = _SPACE.match(body, pos)
-    return pos if match is None else match.end()
-
-
-def _undecodable(
-    raw: bytes, exc: Exception, feed: FeedConfig, *, label: str, where: str
-) -> BadRecord:
-    """A record msgspec refuses, with its id and the bad field when the lenient parser
-    can read them (the id only if it is itself clean text)."""
-    try:
-        item = _LENIENT.decode(raw.decode("utf-8", "surrogateescape"))
-    except (ValueError, RecursionError):
-        item = None
-    record_id = _usable_id(item.get(feed.id_field)) if isinstance(item, dict) else None
-    if record_id is not None and _has_surrogate(record_id):
-        record_id = None
-    named = record_id if record_id is not None else "(id unreadable)"
-    if isinstance(exc, RecursionError):
-        why = "nested too deeply to read"
-    else:
-        at = _surrogate_path(item)
-        if at is None:
-            why = f"not valid JSON: {_why(exc)}"
-        elif isinstance(exc, UnicodeDecodeError):
-            why = f"{at} holds invalid UTF-8"
-        else:
-            why = f"{at} holds a lone surrogate escape (\\ud800-\\udfff)"
-    return BadRecord(id=record_id, raw=raw, reason=f"{where}: {label} record {named}: {why}")
-
-
-def _has_surrogate(text: str) -> bool:
-    return any("\ud800" <= char <= "\udfff" for char in text)
-
-
-def _surrogate_path(value: object) -> str | None:
-    """The ``$.path`` of the first text holding a surrogate (a bad byte, under
-    surrogateescape, or a lone surrogate escape); for a field name, its object's path."""
-    stack: list[tuple[str, object]] = [("$", value)]
-    while stack:
-        path, here = stack.pop()
-        if isinstance(here, str):
-            if _has_surrogate(here):
-                return path
-        elif isinstance(here, dict):
-            for key, child in reversed(list(here.items())):
-                if _has_surrogate(key):
-                    return f"a field name in {path}"
-                stack.append((f"{path}.{key}", child))
-        elif isinstance(here, list):
-            stack.extend((f"{path}[{i}]", child) for i, child in reversed(list(enumerate(here))))
-    return None
+    except json_items.REFUSED:
+        try:
+            return json_items.items(json_items.loads(body), parts)
+        except json_items.Unsplittable as exc:
+            reason = f"{where}: the body cannot be split into records ({exc})"
+            raise Retryable(reason) from None
 
 
 def _usable_id(value: object) -> str | None:
@@ -502,12 +339,6 @@ def _time(value: object) -> datetime | None:
         return parse_time(value)
     except (OverflowError, OSError, ValueError):
         return None  # an epoch beyond what datetime can hold
-
-
-def _why(exc: Exception) -> str:
-    if isinstance(exc, UnicodeDecodeError):
-        return f"invalid UTF-8 (byte 0x{exc.object[exc.start]:02x})"
-    return str(exc)
 
 
 def _kind(value: object) -> str:

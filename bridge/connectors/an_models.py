@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-import re
 from collections.abc import Sequence
 from datetime import UTC, datetime
 from typing import Any, Generic, Literal, Protocol, TypeVar, overload
 
 import msgspec
+
+from bridge import json_items
 
 __all__ = [
     "ACTIVITY_TYPES",
@@ -36,7 +37,6 @@ __all__ = [
     "href_id",
     "person_data",
     "person_key",
-    "raw_id",
     "read_items",
     "utc",
 ]
@@ -369,7 +369,7 @@ def _primary(entries: Sequence[E]) -> E | None:
 
 
 class Unread(msgspec.Struct, frozen=True, kw_only=True):
-    """An item of a page that did not decode: its bytes as served, why, and its uuid if readable."""
+    """An item of a page that did not decode: its bytes, why, and its uuid if readable."""
 
     raw: bytes
     reason: str
@@ -377,9 +377,11 @@ class Unread(msgspec.Struct, frozen=True, kw_only=True):
 
 
 class Items(msgspec.Struct, Generic[T], frozen=True, kw_only=True):
-    """A page's items: those that decoded, each with its bytes as served, and those that did not.
+    """A page's items: those that decoded, each with its bytes, and those that did not.
 
-    ``where`` names the page (``GET /api/v2/people page 3``) for the reasons of dead letters.
+    The bytes are as served, unless msgspec refused the whole page and
+    :mod:`bridge.json_items` wrote its items out again. ``where`` names the page
+    (``GET /api/v2/people page 3``) for the reasons of dead letters.
     """
 
     where: str
@@ -389,35 +391,29 @@ class Items(msgspec.Struct, Generic[T], frozen=True, kw_only=True):
 
 _PAGE = msgspec.json.Decoder(HalPage[msgspec.Raw])
 _ITEM_DECODERS: dict[type[Any], msgspec.json.Decoder[Any]] = {}
-# A JSON string (its escapes skipped, never read) or one structural character.
-_TOKEN = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"|[][{}:,]', re.DOTALL)
-_QUOTE, _COLON, _COMMA = ord('"'), ord(":"), ord(",")
-_OPENING = {ord("{"): ord("}"), ord("["): ord("]")}
-_EMBEDDED = b'"_embedded"'
-_HIGH = rb"\\u[dD][89abAB][0-9a-fA-F]{2}"
-_LOW = rb"\\u[dD][c-fC-F][0-9a-fA-F]{2}"
-_LONE_SURROGATE = re.compile(rb"%s(?!%s)|(?<!%s)%s" % (_HIGH, _LOW, _HIGH, _LOW))
-_MAX_DETAIL = 200
 
 
 def decode_page(body: bytes) -> HalPage[msgspec.Raw]:
     """A page whose items are left as served, so that one bad item cannot fail the page.
 
-    msgspec skips a ``Raw`` value without checking its UTF-8, but not its escapes: a lone
-    surrogate escape (``"\\ud800"``) in one item fails the whole document. The items are
-    then cut out by a scan of the body and the rest is decoded alone. Raises (DecodeError,
-    ValidationError, UnicodeDecodeError) only when what is bad is outside the items.
+    A body msgspec refuses as a whole is read by :mod:`bridge.json_items`, its items written
+    out again to fail (or not) on their own. Raises msgspec.DecodeError (a bad envelope) or
+    :class:`~bridge.json_items.Unsplittable` only when what is bad is outside the items.
     """
     try:
         return _PAGE.decode(body)
-    except (msgspec.DecodeError, UnicodeDecodeError):
-        split = _split_embedded(body)
-        if split is None:
-            raise
-    envelope, embedded = split
-    page = _PAGE.decode(envelope)
-    items = {name: [msgspec.Raw(item) for item in found] for name, found in embedded.items()}
-    return msgspec.structs.replace(page, embedded={**(page.embedded or {}), **items})
+    except json_items.REFUSED:
+        doc = json_items.loads(body)
+    if not isinstance(doc, dict):
+        raise json_items.Unsplittable("the page is not an object")
+    page = _PAGE.decode(json_items.dumps({**doc, "_embedded": None}))
+    found = doc.get("_embedded")
+    if found is None:
+        return page
+    if not isinstance(found, dict):
+        raise json_items.Unsplittable("_embedded is not an object")
+    embedded = {name: [msgspec.Raw(i) for i in json_items.items(found, [name])] for name in found}
+    return msgspec.structs.replace(page, embedded=embedded)
 
 
 def read_items(tp: type[T], served: Sequence[bytes], *, where: str) -> Items[T]:
@@ -430,131 +426,19 @@ def read_items(tp: type[T], served: Sequence[bytes], *, where: str) -> Items[T]:
     for index, raw in enumerate(served, 1):
         try:
             read.append((decoder.decode(raw), raw))
-        except (msgspec.DecodeError, UnicodeDecodeError) as exc:
-            reason = f"{where}, item {index} does not decode: {why_unreadable(exc, raw)}"
-            unread.append(Unread(raw=raw, reason=reason, id=raw_id(raw)))
+        except json_items.REFUSED as exc:
+            reason = f"{where}, item {index} does not decode: {json_items.why(exc, raw)}"
+            unread.append(Unread(raw=raw, reason=reason, id=_raw_id(raw)))
     return Items(where=where, read=read, unread=unread)
 
 
-def why_unreadable(exc: msgspec.DecodeError | UnicodeDecodeError, raw: bytes) -> str:
-    """One short line on what is wrong with an item, naming the field where it can."""
-    if isinstance(exc, UnicodeDecodeError):
-        try:
-            raw.decode("utf-8")
-        except UnicodeDecodeError as bad:
-            return f"invalid UTF-8 (byte 0x{raw[bad.start]:02x}){_field_at(raw, bad.start)}"
-        return "invalid UTF-8"
-    if isinstance(exc, msgspec.ValidationError):
-        # "Expected `str | null`, got `int` - at `$.given_name`": the field and the fault.
-        return _clip(str(exc))
-    lone = _LONE_SURROGATE.search(raw)
-    if lone is not None:
-        escape = lone.group().decode("ascii")
-        return f"a lone UTF-16 surrogate escape ({escape}){_field_at(raw, lone.start())}"
-    return _clip(f"malformed JSON: {exc}")
-
-
-def raw_id(raw: bytes) -> str | None:
+def _raw_id(raw: bytes) -> str | None:
     """The uuid of an item that did not decode, if its identifiers or self link still read."""
-    # Bad UTF-8 and lone surrogates are mended first: they may sit in another field.
-    mended = _LONE_SURROGATE.sub(rb"\\ufffd", raw.decode("utf-8", "replace").encode())
-    try:
-        ids = _IDS.decode(mended)
-    except msgspec.DecodeError:
-        return None
-    identifiers = ids.identifiers if isinstance(ids.identifiers, list) else []
-    own = ids.links.get("self") if isinstance(ids.links, dict) else None
+    item = json_items.salvage(raw)
+    identifiers, links = item.get("identifiers"), item.get("_links")
+    own = links.get("self") if isinstance(links, dict) else None
     href = own.get("href") if isinstance(own, dict) else None
-    links: Links = {"self": Link(href=href)} if isinstance(href, str) else {}
-    found = an_id([i for i in identifiers if isinstance(i, str)], links)
-    return found if found is not None and "\ufffd" not in found else None
-
-
-class _Ids(msgspec.Struct, frozen=True, kw_only=True):
-    """Only where an item keeps its uuid, read leniently: the rest may be anything."""
-
-    identifiers: Any = None
-    links: Any = msgspec.field(default=None, name="_links")
-
-
-_IDS = msgspec.json.Decoder(_Ids)
-
-
-def _split_embedded(body: bytes) -> tuple[bytes, dict[str, list[bytes]]] | None:
-    """The page with its embedded arrays emptied, and their items as served.
-
-    None unless the body is a well-formed object whose ``_embedded`` holds arrays.
-    """
-    stack: list[tuple[int, bytes | None]] = []  # open brackets, each with the key it is under
-    key = last = None
-    found: dict[str, list[bytes]] = {}
-    cuts: list[tuple[int, int]] = []
-    items: list[bytes] | None = None
-    start = 0
-    for match in _TOKEN.finditer(body):
-        token = match.group()
-        char = token[0]
-        if char == _QUOTE:
-            last = token
-        elif char == _COLON:
-            key, last = last, None
-        elif char in _OPENING:
-            if stack == [(ord("{"), None), (ord("{"), _EMBEDDED)]:
-                if char != ord("[") or key is None:
-                    return None
-                items = found.setdefault(_text(key), [])
-                cuts.append((match.start(), match.start()))
-                start = match.end()
-            stack.append((char, key))
-            key = None
-        elif char == _COMMA:
-            if items is not None and len(stack) == 3:
-                items.append(body[start : match.start()].strip())
-                start = match.end()
-            key = None
-        else:
-            if not stack or _OPENING[stack[-1][0]] != char:
-                return None
-            if items is not None and len(stack) == 3:
-                item = body[start : match.start()].strip()
-                if item or items:
-                    items.append(item)
-                cuts[-1] = (cuts[-1][0], match.end())
-                items = None
-            stack.pop()
-    if stack or not cuts:
-        return None
-    parts: list[bytes] = []
-    at = 0
-    for begin, end in cuts:
-        parts += [body[at:begin], b"[]"]
-        at = end
-    parts.append(body[at:])
-    return b"".join(parts), found
-
-
-def _text(token: bytes) -> str:
-    """A JSON string token's text, whatever is wrong with it."""
-    try:
-        return msgspec.json.decode(token, type=str)
-    except (msgspec.DecodeError, UnicodeDecodeError):
-        return token[1:-1].decode("utf-8", "replace")
-
-
-def _field_at(raw: bytes, pos: int) -> str:
-    """`` in <key>`` for the last key before byte ``pos`` of an item: where a bad value sits."""
-    name = last = None
-    for match in _TOKEN.finditer(raw, 0, pos):
-        token = match.group()
-        if token[0] == _QUOTE:
-            last = token
-        elif token[0] == _COLON and last is not None:
-            name, last = last, None
-    if name is None:
-        return ""
-    # Escaped as JSON would, so a key with a line break cannot break the reason's line.
-    return f" in {_clip(msgspec.json.encode(_text(name)).decode()[1:-1], 60)}"
-
-
-def _clip(text: str, limit: int = _MAX_DETAIL) -> str:
-    return text if len(text) <= limit else text[: limit - 1] + "…"
+    return an_id(
+        [i for i in identifiers if isinstance(i, str)] if isinstance(identifiers, list) else [],
+        {"self": Link(href=href)} if isinstance(href, str) else None,
+    )
