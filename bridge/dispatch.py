@@ -3,6 +3,10 @@
 It asks the store for the head op of each entity, leaving out in SQL the targets that
 are down or whose lane is full, so one target's backlog never hides another's due ops.
 A down target whose pause is over gets one op through, as a probe.
+
+It refills in batches: while every lane that could take ops is still more than half
+full, a finished delivery does not send it back to the outbox, whose query costs about
+as much for one op as for hundreds.
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ from collections.abc import Collection
 
 from bridge.clock import Clock
 from bridge.health import Health
+from bridge.models import Op
 from bridge.senders import Senders
 from bridge.store import Store
 
@@ -49,15 +54,43 @@ class Dispatcher:
         """The entity's op is done with (or back in the outbox): its next op may go."""
         self._busy.pop(entity, None)
 
+    def follow(self, done: Op, following: Op | None) -> bool:
+        """``done``'s delivery ended: queue ``following``, its entity's next op, at once.
+
+        ``following`` is one the store found heading the entity and due as it recorded
+        ``done``; it joins the back of its lane (the entity's partition, so a sender
+        takes it up after the ops already waiting there) without another outbox query.
+        It is left to the outbox when its target is unknown or down, its queue full, or
+        the senders stopping. Returns whether it was queued; if not, the entity is free
+        for the next query.
+        """
+        self._busy.pop(done.entity, None)
+        if (
+            following is None
+            or self._senders.stopped
+            or following.target not in self._targets
+            or self._health.is_down(following.target)
+        ):
+            return False
+        queue = self._senders.lane(following.target).queue_for(following.entity)
+        if queue.full():
+            return False
+        self._busy[following.entity] = following.target
+        queue.put_nowait(following)
+        return True
+
     async def run(self, stop: asyncio.Event) -> None:
         while not stop.is_set():
             self.wake.clear()
             now = self._clock.time()
             blocked = self._health.down_targets() | self._senders.saturated()
-            more = await self._fill(now, blocked)
+            wanted = self._senders.wants_ops(blocked, self._targets)
+            more = await self._fill(now, blocked) if wanted else False
             await self._probe(now)
             if not more:
-                await self._idle_wait(now)
+                # Lanes still well stocked are refilled once they drain: their
+                # deliveries set ``wake``, so no due time needs looking up meanwhile.
+                await self._idle_wait(now, look_ahead=wanted)
 
     async def _fill(self, now: float, blocked: set[str]) -> bool:
         """Queue due ops into their targets' lanes; True when more may be due right away.
@@ -111,14 +144,19 @@ class Dispatcher:
                 self._busy[ops[0].entity] = target
                 queue.put_nowait(ops[0])
 
-    async def _idle_wait(self, now: float) -> None:
+    async def _idle_wait(self, now: float, *, look_ahead: bool = True) -> None:
         """Sleep until an op or a probe comes due, a delivery ends, or ``idle_poll`` passes.
 
-        Only ops due later are looked at: those due now that could not be queued wait
-        for their entity or their lane, whose delivery sets ``wake`` when it ends.
+        Only ops due later are looked at (and only with ``look_ahead``): those due now
+        that could not be queued wait for their entity or their lane, whose delivery sets
+        ``wake`` when it ends.
         """
         timeout = self._idle_poll
-        due = await self._store.next_due_at(after=now, exclude_targets=self._health.held(now))
+        due = (
+            await self._store.next_due_at(after=now, exclude_targets=self._health.held(now))
+            if look_ahead
+            else None
+        )
         probe = self._health.next_probe_after(now)
         for at in (due, probe):
             if at is not None:

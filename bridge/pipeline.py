@@ -7,8 +7,9 @@
     dispatcher: store.due_ops (head op of each entity; saturated and down targets left out)
                 -> the target's lane -> partition queue (crc32(entity) % senders)
                                           |
-    sender: [same payload as last applied: done] -> mark in flight -> [reconcile if in doubt]
-            -> target.send -> store.complete
+    sender: store.start (in flight; or done at once if the payload was last applied)
+            -> [reconcile if in doubt] -> target.send -> store.finish
+            -> the entity's next op, if due, straight back into its lane
 
 Each target (a GHL location, a source's write-backs) has senders of its own
 (:mod:`bridge.senders`), so one that waits out a 429 pause holds only its own, and the
@@ -436,47 +437,55 @@ class Pipeline:
 
     # -- delivery -------------------------------------------------------------------------------
 
-    def _finish(self, op: Op, task: asyncio.Task[None]) -> None:
-        if not task.cancelled() and task.exception() is not None:
-            # A failure of the bridge itself (say, the store): the run stops loudly.
-            self._fail(task.exception())
-        self._dispatcher.release(op.entity)
+    def _finish(self, op: Op, task: asyncio.Task[Op | None]) -> None:
+        following = None
+        if not task.cancelled():
+            if task.exception() is not None:
+                # A failure of the bridge itself (say, the store): the run stops loudly.
+                self._fail(task.exception())
+            else:
+                following = task.result()
         self.health.end_probe(op)
-        self._dispatcher.wake.set()
+        if not self._dispatcher.follow(op, following):
+            self._dispatcher.wake.set()
         self._check_drained()
 
-    async def _deliver(self, op: Op) -> None:
+    async def _deliver(self, op: Op) -> Op | None:
+        """Deliver one op; returns its entity's next op when that one is due right away."""
         target = self._targets.get(op.target)
         with structlog.contextvars.bound_contextvars(
             stream=op.stream, entity=op.entity, op=op.kind, op_id=op.id
         ):
             if target is None:
                 await self._dead_letter(op, f"no target named {op.target!r} is configured")
-                return
-            if await self._store.already_applied(op):
-                # The last op of this kind for this record sent exactly this: e.g. a
-                # person whose tags changed re-queues an identical contact upsert.
-                await self._store.complete(op, OpResult(), now=self._clock.time())
+                return None
+            if not await self._store.start(op, now=self._clock.time()):
+                # The last op of this kind for this record sent exactly this (e.g. a
+                # person whose tags changed re-queues an identical contact upsert), so
+                # the store completed it instead of putting it in flight.
                 self._completed(op)
                 self.metrics.ops_sent.labels(op.stream, op.target).inc()
                 self.summary.ops_unchanged += 1
                 log.debug("op_unchanged")
-                return
-            await self._store.mark_in_flight(op.id, now=self._clock.time())
+                return None
             if self.health.is_down(op.target) and not self.health.is_probe(op):
                 # Taken from its queue just before its target went down: it waits,
                 # uncounted, for the probe to bring the target back.
                 await self._store.release(op)
-                return
+                return None
             try:
-                await self._call(target, op)
+                following = await self._call(target, op)
             except Fatal as exc:
                 await self._quarantine(op, exc)
-                return
+                return None
             await self.health.target_answered(op)
+            return following
 
-    async def _call(self, target: Target, op: Op) -> None:
-        """Send (or reconcile) one op and record the outcome; only ``Fatal`` escapes."""
+    async def _call(self, target: Target, op: Op) -> Op | None:
+        """Send (or reconcile) one op and record the outcome; only ``Fatal`` escapes.
+
+        Returns the entity's next op when the store found it due as it recorded this one.
+        """
         started = self._clock.monotonic()
         try:
             result = await target.reconcile(op) if op.in_doubt else None
@@ -509,11 +518,13 @@ class Pipeline:
             await self._retry(op, f"unexpected error: {exc!r}", None, in_doubt=True)
         else:
             self.metrics.op_latency.labels(op.target).observe(self._clock.monotonic() - started)
-            await self._store.complete(op, result, now=self._clock.time())
+            following = await self._store.finish(op, result, now=self._clock.time())
             self._completed(op)
             self.metrics.ops_sent.labels(op.stream, op.target).inc()
             self.summary.ops_sent += 1
             log.info("op_sent", attempts=op.attempts + 1)
+            return following
+        return None
 
     async def _quarantine(self, op: Op, error: Fatal) -> None:
         """Take the op's target out of service; the op goes back untouched, not counted.

@@ -10,13 +10,14 @@ from __future__ import annotations
 import asyncio
 import functools
 import zlib
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Iterable
 from typing import Any
 
 from bridge.models import Op
 
-Deliver = Callable[[Op], Coroutine[Any, Any, None]]
-Finished = Callable[[Op, "asyncio.Task[None]"], None]
+# A delivery may hand back the entity's next op, due now, for ``finished`` to queue.
+Deliver = Callable[[Op], Coroutine[Any, Any, Op | None]]
+Finished = Callable[[Op, "asyncio.Task[Op | None]"], None]
 
 
 def partition_of(entity: str, partitions: int) -> int:
@@ -68,7 +69,8 @@ class Senders:
         self._on_task_done = on_task_done
         self._lanes: dict[str, Lane] = {}
         self._tasks: list[asyncio.Task[None]] = []
-        self.deliveries: set[asyncio.Task[None]] = set()
+        self.deliveries: set[asyncio.Task[Op | None]] = set()
+        self.stopped = False  # no sender takes up an op queued from now on
 
     @property
     def lane_capacity(self) -> int:
@@ -92,6 +94,17 @@ class Senders:
         """Targets whose every queue is full: none of their ops could be queued now."""
         return {t for t, lane in self._lanes.items() if lane.room() == 0}
 
+    def wants_ops(self, blocked: set[str], targets: Iterable[str]) -> bool:
+        """Whether a target outside ``blocked`` has no lane yet or a lane at least half empty.
+
+        Lanes fuller than that have work enough; refilling them in bigger batches, less
+        often, spares the outbox a query per finished delivery.
+        """
+        if any(t not in self._lanes and t not in blocked for t in targets):
+            return True
+        half = self.lane_capacity // 2
+        return any(lane.room() >= half for t, lane in self._lanes.items() if t not in blocked)
+
     def room_outside(self, blocked: set[str]) -> int:
         """Free queue slots in the lanes of targets not in ``blocked``."""
         return sum(lane.room() for t, lane in self._lanes.items() if t not in blocked)
@@ -105,6 +118,7 @@ class Senders:
 
         Returns the ops taken back from the queues and how many deliveries were cancelled.
         """
+        self.stopped = True
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
@@ -112,8 +126,8 @@ class Senders:
         if not self.deliveries:
             return taken, 0
         _, late = await asyncio.wait(self.deliveries, timeout=grace)
-        for task in late:
-            task.cancel()
+        for delivery in late:
+            delivery.cancel()
         if late:
             await asyncio.gather(*late, return_exceptions=True)
         return taken, len(late)
@@ -133,6 +147,6 @@ class Senders:
                 else:
                     task.add_done_callback(functools.partial(self._finish, op))
 
-    def _finish(self, op: Op, task: asyncio.Task[None]) -> None:
+    def _finish(self, op: Op, task: asyncio.Task[Op | None]) -> None:
         self.deliveries.discard(task)
         self._finished(op, task)
