@@ -49,7 +49,7 @@ class FakeClock:
     ``advance`` steps through the pending deadlines in order, so every sleeper wakes
     seeing ``monotonic()`` equal to its own deadline, and whatever it does next (sleep
     again, stamp a grant) happens at that instant rather than at the end of the jump.
-    "Idle" means no asyncio callback is ready to run; work in threads (aiosqlite) or on
+    "Idle" means no asyncio callback is ready to run; work in threads (the store's) or on
     sockets is not waited for.
     """
 
