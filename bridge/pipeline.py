@@ -627,7 +627,12 @@ class Pipeline:
                     content_hash=dl.content_hash,
                 )
             ]
-        await self._store.replay_dead_letter(dl, ops, stream=dl.stream, now=self._clock.time())
+        # An op may have landed before it became a dead letter (a 5xx after the write,
+        # taken for bad input), so it is reconciled before it is sent again. An event's
+        # ops are new: nothing of them was sent.
+        await self._store.replay_dead_letter(
+            dl, ops, stream=dl.stream, now=self._clock.time(), in_doubt=dl.kind != EVENT_KIND
+        )
         self._opened(dl.stream, ops)
         self._dispatcher.wake.set()
         return len(ops)

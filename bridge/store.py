@@ -985,12 +985,19 @@ class Store:
         return [DeadLetterGroup(target=r[0], stream=r[1], error=r[2], count=r[3]) for r in rows]
 
     async def replay_dead_letter(
-        self, dl: DeadLetter, ops: Sequence[NewOp], *, stream: str, now: float
+        self,
+        dl: DeadLetter,
+        ops: Sequence[NewOp],
+        *,
+        stream: str,
+        now: float,
+        in_doubt: bool = False,
     ) -> None:
-        """Replace a dead letter by fresh outbox ops, in one transaction."""
+        """Replace a dead letter by fresh outbox ops, in one transaction; ``in_doubt`` ops
+        are reconciled before they are sent."""
 
         def write(db: sqlite3.Connection) -> None:
-            _insert_ops(db, stream, ops, now)
+            _insert_ops(db, stream, ops, now, in_doubt=in_doubt)
             db.execute("DELETE FROM dead_letter WHERE id = ?", (dl.id,))
 
         await self._write(write)
@@ -1170,10 +1177,17 @@ def _put_cursor(db: sqlite3.Connection, stream: str, value: str, now: float) -> 
     )
 
 
-def _insert_ops(db: sqlite3.Connection, stream: str, ops: Sequence[NewOp], now: float) -> None:
+def _insert_ops(
+    db: sqlite3.Connection,
+    stream: str,
+    ops: Sequence[NewOp],
+    now: float,
+    *,
+    in_doubt: bool = False,
+) -> None:
     db.executemany(
         "INSERT INTO outbox (stream, target, entity, kind, source_key, content_hash,"
-        " payload, next_at, created_at, updated_at) VALUES (?,?,?,?,?,?,?,?,?,?)",
+        " payload, next_at, created_at, updated_at, in_doubt) VALUES (?,?,?,?,?,?,?,?,?,?,?)",
         [
             (
                 stream,
@@ -1186,6 +1200,7 @@ def _insert_ops(db: sqlite3.Connection, stream: str, ops: Sequence[NewOp], now: 
                 now,
                 now,
                 now,
+                int(in_doubt),
             )
             for op in ops
         ],

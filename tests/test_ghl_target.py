@@ -445,3 +445,26 @@ async def test_one_message_key_under_two_people_is_sent_once(
     second_ops.append((InboundMessage(person=second, message="one"), shared))
     await run(store, ghl_client, ScriptedStream([(first, first_ops), (second, second_ops)]))
     assert ghl_server.sim.messages_by_alt_id() == {shared: 1}
+
+
+async def test_a_replayed_op_that_had_landed_is_reconciled_not_sent_twice(
+    store: Store, ghl_client: GhlClient, ghl_server: GhlServer
+) -> None:
+    """A message taken for bad input after its write landed is found again on replay."""
+    route = "/conversations/messages/inbound"
+    ghl_server.sim.faults.add(FaultRule(route=route, method="POST", status=500, times=2))
+    ghl_server.sim.faults.add(
+        FaultRule(route=route, method="POST", status=502, after=True, times=1)
+    )
+    await run(store, ghl_client, ScriptedStream([person_ops(8, messages=1)]))
+    (dl,) = await store.dead_letters()
+    assert "treating it as bad input" in dl.error
+    assert ghl_server.sim.messages_by_alt_id() == {"an:sub:8:0": 1}  # it landed all the same
+    stream = ScriptedStream([])
+    target = GhlTarget(ghl_client, store, clock=SystemClock())
+    pipeline = Pipeline(store, [stream], {TARGET: target}, settings(), SystemClock())
+    await pipeline.replay(dl)
+    await asyncio.wait_for(pipeline.run(once=True), 60)
+    assert pipeline.summary.ops_reconciled == 1
+    assert await store.dead_letters() == []
+    assert ghl_server.sim.messages_by_alt_id() == {"an:sub:8:0": 1}
