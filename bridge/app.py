@@ -368,7 +368,7 @@ class App:
             finally:
                 supervisor.cancel()
                 await asyncio.wait({supervisor})
-                await self.save_budgets()
+                await self.save_budgets(final=True)
                 failure = None if supervisor.cancelled() else supervisor.exception()
                 if failure is not None:
                     raise failure
@@ -410,15 +410,19 @@ class App:
         and fills when that has passed (:meth:`TokenBucket.resume`). A reverse stream's
         share is not restored on its own: each of its requests also takes a parent token.
         """
+        # After a clean stop the last report came after the last request, and says what
+        # was spent: an idle daemon restarted by the operator is ready at once.
+        clean = await self.store.budgets_final()
         for row in await self.store.budgets():
             bucket = self.limiters.find(row.api, row.tenant)
             if bucket is None:
                 continue
             held = bucket.resume(
                 reported_at=row.updated_at,
-                silence=BUDGET_SAVE_SILENCE,
+                silence=0.0 if clean else BUDGET_SAVE_SILENCE,
                 used_today=row.used_today,
                 paused_until=row.paused_until,
+                spent=row.capacity - row.available if clean else None,
             )
             if held > 0:
                 log.info(
@@ -523,7 +527,8 @@ class App:
             token_refreshes={a.name: a.refreshes for a in oauth},
         )
 
-    async def save_budgets(self) -> None:
+    async def save_budgets(self, *, final: bool = False) -> None:
+        """Write every bucket's state; ``final`` once no request will follow (a clean stop)."""
         now = self.clock.time()
         offset = now - self.clock.monotonic()  # bucket pauses are monotonic; status wants wall
         await self.store.save_budgets(
@@ -540,7 +545,8 @@ class App:
                     updated_at=now,
                 )
                 for s in self.limiters.states()
-            ]
+            ],
+            final=final,
         )
 
 

@@ -156,8 +156,13 @@ class TokenBucket:
         silence: float,
         used_today: int = 0,
         paused_until: float | None = None,
+        spent: int | None = None,
     ) -> float:
         """Start where a previous process on this budget left off; returns seconds held.
+
+        ``spent`` is what it had used of its last window when it reported, if that report
+        came after its last request (a clean stop): then only that much is held back, as
+        if spent at the report. Without it (a kill), see below.
 
         It last reported its bucket at wall time ``reported_at`` and reported at least
         every ``silence`` seconds while it ran, so it sent nothing after ``reported_at +
@@ -173,8 +178,10 @@ class TokenBucket:
         held = max(0.0, last_call + self._window - now)
         if held > 0:
             self._prune(now)
-            phantoms = [last_call] * self._available()
-            self._grants = deque(sorted([*self._grants, *phantoms]))
+            count = self._available() if spent is None else min(spent, self._available())
+            if count == 0:
+                held = 0.0
+            self._grants = deque(sorted([*self._grants, *[last_call] * count]))
         if paused_until is not None and paused_until > wall:
             self.pause_until(paused_until - wall + now)
         self._roll_day()

@@ -215,6 +215,7 @@ _DL_COLUMNS = (
 _CHUNK = 500
 # Results the store's thread hands back to the event loop at most in one wake-up.
 _POST_EVERY = 64
+_BUDGETS_FINAL = "budgets.final"
 
 _T = TypeVar("_T")
 _Job = tuple["asyncio.Future[Any]", Callable[[], Any]]
@@ -1079,7 +1080,9 @@ class Store:
 
     # -- budgets (written by the daemon, read by `bridge status`) ---------------------------------
 
-    async def save_budgets(self, rows: Sequence[BudgetRow]) -> None:
+    async def save_budgets(self, rows: Sequence[BudgetRow], *, final: bool = False) -> None:
+        """Write bucket states; ``final`` says no request follows them (a clean stop),
+        which the next start may trust (:meth:`budgets_final`); any other write clears it."""
         values = [
             (
                 r.api,
@@ -1094,8 +1097,9 @@ class Store:
             )
             for r in rows
         ]
-        await self._write(
-            lambda db: db.executemany(
+
+        def write(db: sqlite3.Connection) -> None:
+            db.executemany(
                 "INSERT INTO budgets (api, tenant, capacity, window, available, used_today,"
                 " daily_cap, paused_until, updated_at) VALUES (?,?,?,?,?,?,?,?,?)"
                 " ON CONFLICT (api, tenant) DO UPDATE SET capacity = excluded.capacity,"
@@ -1104,7 +1108,19 @@ class Store:
                 " paused_until = excluded.paused_until, updated_at = excluded.updated_at",
                 values,
             )
-        )
+            if final:
+                db.execute(
+                    "INSERT OR REPLACE INTO marks (key, value, updated_at) VALUES (?, '1', ?)",
+                    (_BUDGETS_FINAL, time.time()),
+                )
+            else:
+                db.execute("DELETE FROM marks WHERE key = ?", (_BUDGETS_FINAL,))
+
+        await self._write(write)
+
+    async def budgets_final(self) -> bool:
+        """Whether the last budgets written were a clean stop's (see :meth:`save_budgets`)."""
+        return await self.mark(_BUDGETS_FINAL) is not None
 
     async def budgets(self) -> list[BudgetRow]:
         rows = await self._rows(

@@ -377,3 +377,52 @@ api_key = "an-key-0123456789"
     (held,) = [e for e in logs if e["event"] == "budget_held_from_last_run"]
     assert (held["api"], held["tenant"]) == ("ghl", "main")
     assert 9.0 < held["seconds"] <= 10.0
+
+
+async def test_after_a_clean_stop_only_what_was_spent_is_held(tmp_path: Path) -> None:
+    """A clean stop's last report follows its last request: an idle bucket starts full,
+    one that had spent 30 of 100 holds back just those 30 for the rest of the window."""
+    path = tmp_path / "bridge.toml"
+    path.write_text(
+        """
+[state]
+path = "state.db"
+
+[[ghl.locations]]
+name = "main"
+location_id = "loc1"
+auth = { kind = "private_token", token = "pit-11111111-2222-4333-8444-555555555555" }
+
+[[ghl.locations]]
+name = "busy"
+location_id = "loc2"
+auth = { kind = "private_token", token = "pit-11111111-2222-4333-8444-555555555556" }
+""",
+        encoding="utf-8",
+    )
+    config = load_config(path)
+    now = time.time()
+
+    def row(tenant: str, available: int) -> BudgetRow:
+        return BudgetRow(
+            api="ghl",
+            tenant=tenant,
+            capacity=100,
+            window=10.0,
+            available=available,
+            used_today=0,
+            daily_cap=None,
+            paused_until=None,
+            updated_at=now - 1.0,
+        )
+
+    async with Store.open(config.state.path) as opened:
+        await opened.save_budgets([row("main", 100), row("busy", 70)], final=True)
+    async with open_app(config) as app:
+        await app.restore_budgets()
+        states = {b.tenant: b.available for b in app.limiters.states()}
+    assert states == {"main": 100, "busy": 70}
+    async with Store.open(config.state.path) as opened:
+        # A running daemon's next report says nothing of what follows it.
+        await opened.save_budgets([row("main", 100)])
+        assert not await opened.budgets_final()
