@@ -10,8 +10,9 @@ store, and the token and scope check, each timed on its own, and the daemon's ow
 (``app_ready``, ``service_ready``) read against the spawn time.
 
 Each timed start begins with no budget report in the state file, as after a stop more than
-a GHL window ago; one more start right after a stop shows the other case, where the daemon
-first waits out what the previous process may still have counting at GHL.
+a GHL window ago; one more start right after a clean stop shows the other case, where the
+daemon holds back only what the previous process spent in its last window (after a kill it
+would hold the whole window: see "Budgets across a restart" in the README).
 """
 
 from __future__ import annotations
@@ -94,7 +95,7 @@ async def main(args: argparse.Namespace) -> int:
         ["exec -> READY=1 (median)", statistics.median(ready), f"< {TARGET:g}",
          verdict(statistics.median(ready) < TARGET)],
         ["exec -> READY=1 (min / max)", f"{min(ready):.3f} / {max(ready):.3f}", "", ""],
-        ["exec -> READY=1 right after a stop (waits out its budget: a window)",
+        ["exec -> READY=1 right after a clean stop (holds only what it spent)",
          restart["ready"], "", ""],
         ["  exec -> app_ready in the log (imports, config, store open)",
          statistics.median(s["app_ready"] for s in starts), "", ""],
