@@ -257,7 +257,7 @@ async def _demo(world: World, out: TextIO, *, people: int) -> int:
     writes = ghl_writes(world, mark)
     # The summary note does not change: a name is not part of it.
     out.write(
-        f"   GHL writes {writes} (expected 1: the contact upsert; the summary note is unchanged),"
+        f"   GHL writes {writes} (expected 1: the contact update; the summary note is unchanged),"
         f" unchanged records skipped {second.events_unchanged},"
         f" dead letters {second.dead_lettered}\n"
     )
