@@ -17,6 +17,8 @@ import asyncio
 from collections import OrderedDict
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import TypeVar
+from weakref import WeakValueDictionary
 
 import anyio
 import msgspec
@@ -44,10 +46,13 @@ from bridge.connectors.ghl.ops import (
 )
 from bridge.connectors.ghl.summary_note import SummaryNotes
 from bridge.errors import InDoubt, Rejected, Retryable
-from bridge.models import IdMapUpdate, Op, OpResult, marker
+from bridge.models import IdMapRow, IdMapUpdate, Op, OpResult, marker
 from bridge.store import Store
 
 log = structlog.get_logger("bridge.ghl.target")
+
+_K = TypeVar("_K")
+_V = TypeVar("_V")
 
 REJECT_5XX_AFTER = 3
 """GHL answers some bad input with a 500 (unknown conversation on upload, wrong provider
@@ -71,8 +76,9 @@ class GhlTarget:
         self._clock = clock
         self._last_success: float | None = None
         self._summaries = SummaryNotes(client, store, clock=clock)
-        # Per message key: its lock and how many ops hold or wait for it.
-        self._message_locks: dict[str, tuple[asyncio.Lock, int]] = {}
+        # Per message key while an op holds or waits for it: weak, so the entry goes when
+        # the last of them is done.
+        self._message_locks: WeakValueDictionary[str, asyncio.Lock] = WeakValueDictionary()
         # Message keys sent by this process lately, bounded: what the id map may not show
         # yet while another op of the same key waits for the lock.
         self._messages_sent: OrderedDict[str, None] = OrderedDict()
@@ -286,35 +292,22 @@ class GhlTarget:
         # One message key at a time: the same source record listed under two people is
         # two ops of two entities, which the pipeline may send at once.
         key = op.source_key
-        lock, users = self._message_locks.get(key, (asyncio.Lock(), 0))
-        self._message_locks[key] = (lock, users + 1)
-        try:
-            async with lock:
-                if key in self._messages_sent:
-                    return OpResult()  # sent moments ago by another op of this key
-                result = await self._send_inbound(op, message)
-                self._messages_sent[key] = None
-                while len(self._messages_sent) > RECENT_MESSAGES:
-                    self._messages_sent.popitem(last=False)
-                return result
-        finally:
-            lock, users = self._message_locks.pop(key)
-            if users > 1:
-                self._message_locks[key] = (lock, users - 1)
+        lock = self._message_locks.get(key)
+        if lock is None:
+            lock = self._message_locks[key] = asyncio.Lock()
+        async with lock:
+            if key in self._messages_sent:
+                return OpResult()  # sent moments ago by another op of this key
+            result = await self._send_inbound(op, message)
+            _remember(self._messages_sent, key, None)
+            return result
 
     async def _send_inbound(self, op: Op, message: InboundMessage) -> OpResult:
         if await self._store.made_before(op.source_key):
             return OpResult()  # delivered before (a replay or a re-queued record)
         known = await self._store.id_map(message.person)
-        if known is None or known.contact_id is None:
-            raise _no_contact(message.person)
-        contact_id = known.contact_id
-        conversation_id = known.conversation_id
-        made_conversation = conversation_id is None
-        if conversation_id is None:
-            # Flows queue an EnsureConversation first; this covers a replayed message whose
-            # conversation op is gone. Create is safe: "already exists" is looked up.
-            conversation_id = (await self._client.create_conversation(contact_id)).id
+        contact_id = _contact_of(message.person, known)
+        conversation_id, made_conversation = await self._conversation(message.person, known)
         attachments = list(message.attachments)
         for key in message.attachment_keys:
             url = await self._uploaded_url(key)
@@ -355,19 +348,22 @@ class GhlTarget:
         return uploaded.url if uploaded is not None else None
 
     async def _contact_id(self, person: str) -> str:
-        known = await self._store.id_map(person)
-        if known is None or known.contact_id is None:
-            raise _no_contact(person)
-        return known.contact_id
+        return _contact_of(person, await self._store.id_map(person))
 
     async def _conversation_id(self, person: str) -> str:
-        known = await self._store.id_map(person)
+        conversation_id, _ = await self._conversation(person, await self._store.id_map(person))
+        return conversation_id
+
+    async def _conversation(self, person: str, known: IdMapRow | None) -> tuple[str, bool]:
+        """The person's conversation, and whether this call had to create it.
+
+        Flows queue an EnsureConversation first; this covers a replayed message whose
+        conversation op is gone. Create is safe: "already exists" is looked up.
+        """
         if known is not None and known.conversation_id is not None:
-            return known.conversation_id
-        # Flows queue an EnsureConversation first; this covers a replayed message whose
-        # conversation op is gone. Create is safe: "already exists" is looked up.
-        ensured = await self._client.create_conversation(await self._contact_id(person))
-        return ensured.id
+            return known.conversation_id, False
+        ensured = await self._client.create_conversation(_contact_of(person, known))
+        return ensured.id, True
 
     def _maybe_bad_input(self, op: Op, exc: Retryable | InDoubt) -> Exception:
         """A 5xx that keeps coming for one op while the location is healthy is bad input.
@@ -379,9 +375,7 @@ class GhlTarget:
         if exc.status is None or exc.status < 500:
             return exc
         errors = self._server_errors.pop(op.id, 0) + 1
-        self._server_errors[op.id] = errors
-        while len(self._server_errors) > RECENT_MESSAGES:
-            self._server_errors.popitem(last=False)
+        _remember(self._server_errors, op.id, errors)
         healthy = (
             self._last_success is not None
             and self._clock.monotonic() - self._last_success < HEALTHY_WINDOW
@@ -405,10 +399,20 @@ def _decode(op: Op) -> GhlOp:
         raise Rejected(f"unreadable GHL op payload: {exc}") from None
 
 
-def _no_contact(person: str) -> Rejected:
-    return Rejected(
-        f"no GHL contact for {person}: its upsert has not succeeded (see its dead letter)"
-    )
+def _contact_of(person: str, known: IdMapRow | None) -> str:
+    if known is None or known.contact_id is None:
+        raise Rejected(
+            f"no GHL contact for {person}: its upsert has not succeeded (see its dead letter)"
+        )
+    return known.contact_id
+
+
+def _remember(recent: OrderedDict[_K, _V], key: _K, value: _V) -> None:
+    """Put ``key`` last in ``recent``, dropping the oldest beyond ``RECENT_MESSAGES``."""
+    recent[key] = value
+    recent.move_to_end(key)
+    while len(recent) > RECENT_MESSAGES:
+        recent.popitem(last=False)
 
 
 def _message_ids(key: str, person: str, message_id: str, conversation_id: str) -> OpResult:
