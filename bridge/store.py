@@ -623,11 +623,6 @@ class Store:
 
         return await self._write(write)
 
-    async def already_applied(self, op: Op) -> bool:
-        """Whether the last op of this target, source key and kind sent this very payload."""
-        applied = await self._read(lambda db: _applied_hash(db, op))
-        return applied == content_hash(op.payload)
-
     async def retry_later(
         self,
         op: Op,
